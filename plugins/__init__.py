@@ -1,0 +1,1 @@
+"""Entry-point modules that hook the plugin into vLLM and Triton (see pyproject.toml)."""
