@@ -1,1 +1,23 @@
-"""vllm-blockdiff."""
+"""Version-guarded changes to vLLM, one concern per module.
+
+Each module states the vLLM versions it was written against (`VLLM_VERSIONS`, prefixes) and an
+`apply()` that is idempotent. `apply_patches()` refuses to patch an unknown vLLM version rather
+than patching blindly.
+"""
+
+from __future__ import annotations
+
+from vllm_blockdiff.patches import diffusion_sampling_params
+
+PATCHES = (diffusion_sampling_params,)
+
+
+def apply_patches() -> None:
+    import vllm
+
+    for patch in PATCHES:
+        if not vllm.__version__.startswith(patch.VLLM_VERSIONS):
+            raise RuntimeError(
+                f"{patch.__name__} targets vLLM {patch.VLLM_VERSIONS}, found {vllm.__version__}"
+            )
+        patch.apply()

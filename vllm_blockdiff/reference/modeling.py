@@ -62,9 +62,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """NeoX-style rotary embedding; x is [batch, heads, tokens, head_dim], positions [batch, tokens]."""
+    """NeoX-style rotary embedding of x [batch, heads, tokens, dim] at positions [batch, tokens]."""
     dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+    exponents = torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim
+    inv_freq = 1.0 / (theta**exponents)
     freqs = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -144,7 +145,7 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Qwen3-layout language model: `model.*` backbone plus `lm_head` (state-dict names match HF)."""
+    """Qwen3-layout language model: `model.*` backbone plus `lm_head` (HF state-dict names)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -182,7 +183,8 @@ class CausalLM(nn.Module):
         for shard in sorted(path.glob("*.safetensors")):
             state.update(load_file(shard))
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not (m == "lm_head.weight" and model.args.tie_word_embeddings)]
+        tied = model.args.tie_word_embeddings
+        missing = [m for m in missing if not (m == "lm_head.weight" and tied)]
         if missing or unexpected:
             raise ValueError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
         return model.to(dtype).eval()
@@ -197,7 +199,7 @@ class CausalLM(nn.Module):
 def block_causal_mask(
     q_positions: torch.Tensor, kv_len: int, block_length: int
 ) -> torch.Tensor:
-    """[tokens, kv_len] mask: query at absolute position p sees keys at positions < (p // B + 1) * B.
+    """[tokens, kv_len] mask: a query at absolute position p sees keys at < (p // B + 1) * B.
 
     Blocks are aligned to absolute position 0 (SDAR, TraDo, LLaDA2.0, Fast-dLLM v2); block_length 1
     gives ordinary causal attention.

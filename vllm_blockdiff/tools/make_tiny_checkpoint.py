@@ -1,4 +1,4 @@
-"""Write a tiny random-weight checkpoint in the SDAR (or Qwen3) layout, with a locally trained tokenizer.
+"""Write a tiny random-weight SDAR (or Qwen3) checkpoint with a locally trained tokenizer.
 
     python -m vllm_blockdiff.tools.make_tiny_checkpoint OUTDIR --arch sdar --block-size 4
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vllm_blockdiff.reference.modeling import CausalLM, ModelArgs
-from vllm_blockdiff.tools.checkpoint import write_checkpoint, train_tokenizer
+from vllm_blockdiff.tools.checkpoint import train_tokenizer, write_checkpoint
 
 STDLIB_SAMPLE = ["textwrap.py", "string.py", "heapq.py", "bisect.py", "fnmatch.py", "colorsys.py"]
 
@@ -29,12 +29,11 @@ def stdlib_corpus() -> list[str]:
 def random_model(args: ModelArgs, seed: int, logit_scale: float) -> CausalLM:
     torch.manual_seed(seed)
     model = CausalLM(args)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            continue
-        torch.nn.init.normal_(p, std=0.02 if p.dim() > 1 else 0.0)
     with torch.no_grad():
-        model.model.embed_tokens.weight.normal_(std=1.0)
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(std=p.shape[-1] ** -0.5)  # unit-scale activations: context matters
+        model.model.embed_tokens.weight.normal_(std=0.1)
         model.lm_head.weight.normal_(std=logit_scale / args.hidden_size**0.5)
     return model
 
@@ -71,7 +70,7 @@ def main() -> None:
     parser.add_argument("outdir")
     parser.add_argument("--arch", choices=["sdar", "qwen3"], default="sdar")
     parser.add_argument("--block-size", type=int, default=4,
-                        help="block length recorded in config.json (0: omit it, like published SDAR)")
+                        help="block length in config.json (0: omit it, like published SDAR)")
     parser.add_argument("--vocab-size", type=int, default=384)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--num-layers", type=int, default=2)

@@ -1,0 +1,82 @@
+"""Paged block-causal attention: write new keys/values into the cache, attend under kv_limit.
+
+On CUDA the attention runs the Triton kernel in `triton_kernel.py`; elsewhere (and as the test
+oracle for the kernel) a per-request PyTorch implementation gathers each request's pages and
+calls scaled_dot_product_attention with the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,
+    key_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T]; negative entries are padding
+) -> None:
+    flat_k = key_cache.view(-1, *key_cache.shape[2:])
+    flat_v = value_cache.view(-1, *value_cache.shape[2:])
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
+    flat_k.index_copy_(0, slot_mapping, key.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping, value.to(flat_v.dtype))
+
+
+def paged_block_causal_attention_torch(
+    query: torch.Tensor,  # [T, H, D]
+    key_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    value_cache: torch.Tensor,
+    output: torch.Tensor,  # [T, H, D]
+    query_start_loc: torch.Tensor,  # [R + 1]
+    seq_lens: torch.Tensor,  # [R]
+    block_table: torch.Tensor,  # [R, max_pages]
+    kv_limit: torch.Tensor,  # [T]
+    scale: float,
+) -> None:
+    page_size = key_cache.shape[1]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for r, seq_len in enumerate(lens):
+        qs, qe = starts[r], starts[r + 1]
+        if qe <= qs or seq_len == 0:
+            continue
+        pages = block_table[r, : -(-seq_len // page_size)].long()
+        k = key_cache[pages].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, S, D]
+        v = value_cache[pages].flatten(0, 1)[:seq_len].transpose(0, 1)
+        q = query[qs:qe].transpose(0, 1)  # [H, Q, D]
+        mask = torch.arange(seq_len, device=q.device)[None, :] < kv_limit[qs:qe, None]
+        out = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        output[qs:qe] = out.transpose(0, 1)
+
+
+def paged_block_causal_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    output: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    kv_limit: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+) -> None:
+    if query.is_cuda:
+        from vllm_blockdiff.attention.triton_kernel import paged_block_causal_attention_triton
+
+        paged_block_causal_attention_triton(
+            query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table,
+            kv_limit, scale, max_query_len,
+        )
+    else:
+        paged_block_causal_attention_torch(
+            query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table,
+            kv_limit, scale,
+        )

@@ -1,0 +1,145 @@
+"""Triton kernel: attention over the paged KV cache with a per-token key limit.
+
+One program handles BLOCK_Q query tokens of one request for one KV head and all query heads that
+share it (GQA), streaming that request's keys in tiles of BLOCK_N positions with an online softmax.
+A query row only loads key tiles below its tile's largest limit, so a denoising block costs one pass
+over the cached prefix, and block-causal prefill skips the upper triangle block by block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_block_causal_attn_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_table_ptr, kv_limit_ptr,
+    scale,
+    stride_qt, stride_qh,
+    stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_bt,
+    num_groups: tl.constexpr,  # query heads per KV head
+    head_size: tl.constexpr,
+    page_size: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    req = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_G
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_tile * BLOCK_Q + rows // BLOCK_G
+    grp = rows % BLOCK_G
+    row_valid = (tok < q_len) & (grp < num_groups)
+    head = kv_head * num_groups + grp
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < head_size
+
+    t = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
+    limit = tl.load(kv_limit_ptr + t, mask=row_valid, other=0)
+    limit = tl.minimum(limit, seq_len)
+    kv_end = tl.max(limit, axis=0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634  # log2(e): the softmax uses exp2
+
+    for n0 in range(0, kv_end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_valid = pos < kv_end
+        page_ptr = block_table_ptr + req * stride_bt + pos // page_size
+        page = tl.load(page_ptr, mask=pos_valid, other=0)
+        page = page.to(tl.int64)
+        slot_in_page = pos % page_size
+        kv_mask = pos_valid[:, None] & dim_valid[None, :]
+        k = tl.load(
+            k_cache_ptr + page[:, None] * stride_kp + slot_in_page[:, None] * stride_ks
+            + kv_head * stride_kh + dims[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        v = tl.load(
+            v_cache_ptr + page[:, None] * stride_vp + slot_in_page[:, None] * stride_vs
+            + kv_head * stride_vh + dims[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * qk_scale
+        s = tl.where(pos[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & dim_valid[None, :],
+    )
+
+
+def paged_block_causal_attention_triton(
+    query: torch.Tensor,  # [T, H, D]
+    key_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+    value_cache: torch.Tensor,
+    output: torch.Tensor,  # [T, H, D]
+    query_start_loc: torch.Tensor,  # [R + 1]
+    seq_lens: torch.Tensor,  # [R]
+    block_table: torch.Tensor,  # [R, max_pages]
+    kv_limit: torch.Tensor,  # [T]
+    scale: float,
+    max_query_len: int,
+    block_q: int = 16,
+    block_n: int = 64,
+) -> None:
+    num_reqs = seq_lens.shape[0]
+    num_heads, head_size = query.shape[1], query.shape[2]
+    num_kv_heads = key_cache.shape[2]
+    num_groups = num_heads // num_kv_heads
+    block_g = triton.next_power_of_2(num_groups)
+    block_q = max(1, min(block_q, triton.next_power_of_2(max_query_len)) // 1)
+    # Keep the tile's row count (tokens x grouped heads) at least 16 for tl.dot.
+    while block_q * block_g < 16:
+        block_q *= 2
+    grid = (num_reqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _paged_block_causal_attn_kernel[grid](
+        query, key_cache, value_cache, output,
+        query_start_loc, seq_lens, block_table, kv_limit,
+        scale,
+        query.stride(0), query.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        output.stride(0), output.stride(1),
+        block_table.stride(0),
+        num_groups=num_groups,
+        head_size=head_size,
+        page_size=key_cache.shape[1],
+        BLOCK_Q=block_q,
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_size),
+    )

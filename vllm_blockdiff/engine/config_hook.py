@@ -1,0 +1,145 @@
+"""Per-architecture config hook: turns a plain `vllm serve <checkpoint>` into a diffusion serve.
+
+Runs once in vLLM's config construction (`MODELS_CONFIG_MAP`). It resolves the block length and
+the mask token from the checkpoint (or serve-time overrides), marks the model as a diffusion
+model (`canvas_length`), selects the diffusion-aware scheduler and synchronous scheduling, and
+records the result on the HF config as `blockdiff`, where the frontend validator, the scheduler
+and the workers read it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from vllm.config import VllmConfig
+from vllm.config.diffusion import DiffusionConfig
+from vllm.logger import init_logger
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from vllm_blockdiff.models import BY_ARCHITECTURE
+from vllm_blockdiff.options import ServeConfig, resolve_options
+from vllm_blockdiff.policies import POLICIES
+
+logger = init_logger(__name__)
+
+SCHEDULER = "vllm_blockdiff.engine.scheduler.BlockDiffusionScheduler"
+MASK_TOKEN_CANDIDATES = ("<|MASK|>", "<MASK>", "|<MASK>|", "<|mask|>", "[MASK]")
+
+
+class ServeSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """`--additional-config '{"blockdiff": {...}}'`: serve-time overrides (all optional).
+
+    Besides these keys, any parameter of a policy (e.g. "threshold", "steps") sets its default.
+    """
+
+    block_length: int | None = None
+    max_block_length: int | None = None
+    policy: str | None = None
+    mask_token_id: int | None = None
+
+
+def _split_settings(raw: dict[str, Any]) -> tuple[ServeSettings, dict[str, Any]]:
+    own = set(ServeSettings.__struct_fields__)
+    policy_fields = {f for p in POLICIES.values() for f in p.params_cls.__struct_fields__}
+    unknown = sorted(set(raw) - own - policy_fields)
+    if unknown:
+        raise ValueError(
+            f"additional_config.blockdiff.{unknown[0]}: unknown setting; expected one of "
+            f"{sorted(own | policy_fields)}"
+        )
+    try:
+        settings = msgspec.convert({k: v for k, v in raw.items() if k in own}, ServeSettings)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"additional_config.blockdiff: {e}") from None
+    return settings, {k: v for k, v in raw.items() if k not in own}
+
+
+def resolve_mask_token_id(vllm_config: VllmConfig) -> int:
+    """The mask token: config.json's `mask_token_id`, else the tokenizer's mask token."""
+    hf_config = vllm_config.model_config.hf_config
+    if getattr(hf_config, "mask_token_id", None) is not None:
+        return int(hf_config.mask_token_id)
+    from transformers import AutoTokenizer
+
+    mc = vllm_config.model_config
+    tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                        trust_remote_code=mc.trust_remote_code)
+    vocab = tok.get_vocab()
+    candidates = [tok.mask_token] if getattr(tok, "mask_token", None) else []
+    for token in [*candidates, *MASK_TOKEN_CANDIDATES]:
+        if token in vocab:
+            return int(vocab[token])
+    raise ValueError(
+        "cannot find the mask token of this block-diffusion checkpoint (no `mask_token_id` in "
+        "config.json, no mask token in the tokenizer); pass it with --additional-config "
+        "'{\"blockdiff\": {\"mask_token_id\": ID}}'"
+    )
+
+
+class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
+    @staticmethod
+    def verify_and_update_config(vllm_config: VllmConfig) -> None:
+        model_config = vllm_config.model_config
+        hf_config = model_config.hf_config
+        family = BY_ARCHITECTURE[model_config.architecture]
+        additional = vllm_config.additional_config
+        raw = additional.get("blockdiff", {}) if isinstance(additional, dict) else {}
+        settings, policy_defaults = _split_settings(raw)
+
+        checkpoint_block = next((getattr(hf_config, k) for k in family.block_length_keys
+                                 if getattr(hf_config, k, None)), None)
+        block_length = settings.block_length or checkpoint_block or family.default_block_length
+        max_block_length = settings.max_block_length or max(block_length, 16)
+        if block_length > max_block_length:
+            raise ValueError(f"additional_config.blockdiff.block_length ({block_length}) exceeds "
+                             f"max_block_length ({max_block_length})")
+        mask_token_id = (settings.mask_token_id if settings.mask_token_id is not None
+                         else resolve_mask_token_id(vllm_config))
+
+        serve = ServeConfig(
+            block_length=block_length,
+            max_block_length=max_block_length,
+            mask_token_id=mask_token_id,
+            policy=settings.policy or "threshold",
+            policy_defaults=policy_defaults,
+            block_length_divides=_prefix_cache_page(vllm_config, block_length),
+        )
+        resolve_options(None, serve)  # the defaults themselves must be a valid request
+
+        hf_config.blockdiff = msgspec.to_builtins(serve)
+        hf_config.canvas_length = max_block_length  # vLLM's `is_diffusion` marker
+        vllm_config.diffusion_config = DiffusionConfig(canvas_length=max_block_length)
+
+        sched = vllm_config.scheduler_config
+        if sched.scheduler_cls not in (None, SCHEDULER):
+            raise ValueError(f"{family.architecture} needs the block-diffusion scheduler; "
+                             f"remove --scheduler-cls {sched.scheduler_cls}")
+        sched.scheduler_cls = SCHEDULER
+        if sched.async_scheduling:
+            raise ValueError("block-diffusion models run with synchronous scheduling; "
+                             "remove --async-scheduling")
+        sched.async_scheduling = False
+        logger.info("block diffusion: block_length=%d (max %d), mask token %d, policy %s",
+                    block_length, max_block_length, mask_token_id, serve.policy)
+
+
+def _prefix_cache_page(vllm_config: VllmConfig, block_length: int) -> int:
+    """KV page size that block lengths must divide for prefix caching to stay exact (0: none).
+
+    A cached page must hold only final KV, and block-causal KV depends on the whole block, so
+    blocks must not straddle page boundaries.
+    """
+    cache = vllm_config.cache_config
+    if not cache.enable_prefix_caching:
+        return 0
+    page = cache.block_size or cache.DEFAULT_BLOCK_SIZE
+    if page % block_length == 0:
+        return page
+    if not cache.user_specified_block_size:
+        cache.block_size = -(-block_length // 16) * 16
+        return cache.block_size
+    logger.warning("block length %d does not divide --block-size %d: prefix caching disabled",
+                   block_length, page)
+    cache.enable_prefix_caching = False
+    return 0

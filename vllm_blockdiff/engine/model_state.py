@@ -1,0 +1,97 @@
+"""Model Runner V2 `ModelState` for block-diffusion models.
+
+It tells the runner that no bonus token is sampled (every forward only denoises drafts), provides
+the block-diffusion sampler, fills the input ids of tokens that are neither prompt nor draft (a
+finished block being recomputed with its final tokens), and gives the attention backend each
+token's block length so one batch can mix prefills, denoise steps and block lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.config.compilation import CUDAGraphMode
+from vllm.v1.core.sched.output import NewRequestData
+from vllm.v1.kv_cache_interface import KVCacheConfig
+from vllm.v1.worker.gpu.input_batch import InputBatch
+from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+from vllm.v1.worker.gpu.states import RequestState
+from vllm.v1.worker.utils import AttentionGroup
+
+from vllm_blockdiff.attention.backend import BlockDiffusionAttentionMetadataBuilder
+from vllm_blockdiff.engine.block_state import BlockStates
+from vllm_blockdiff.engine.sampler import BlockDiffusionSampler
+from vllm_blockdiff.options import resolve_options, serve_config_of
+
+
+class BlockDiffusionModelState(DefaultModelState):
+    num_new_sampled_tokens_per_step: int = 0
+
+    def __init__(self, vllm_config: VllmConfig, model: torch.nn.Module, encoder_cache,
+                 device: torch.device):
+        super().__init__(vllm_config, model, encoder_cache, device)
+        self.serve = serve_config_of(self.model_config.hf_config)
+        self.states = BlockStates(self.max_num_reqs, self.serve.max_block_length,
+                                  self.serve.mask_token_id, device)
+
+    def get_supported_generation_tasks(self):
+        return ("generate",)
+
+    def add_request(self, req_index: int, new_req_data: NewRequestData) -> None:
+        super().add_request(req_index, new_req_data)
+        params = new_req_data.sampling_params
+        extra_args = params.extra_args if params is not None else None
+        self.states.add_request(req_index, resolve_options(extra_args, self.serve))
+
+    def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
+        runner_req_states = sampler.req_states
+        return BlockDiffusionSampler(sampler, self.states, runner_req_states,
+                                     self.max_model_len), None
+
+    def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
+        """Take every non-draft query token from the request's token history.
+
+        The runner writes prompt tokens and drafts itself; a finished block that is recomputed
+        (its emitted tokens) is neither, so it is filled here from `all_token_ids`.
+        """
+        r = input_batch.num_reqs
+        drafts = input_batch.num_draft_tokens_per_req
+        if drafts is not None:
+            query = input_batch.num_scheduled_tokens[:r]
+            per_token_req = np.repeat(np.arange(r), query)
+            local = np.arange(len(per_token_req)) - input_batch.query_start_loc_np[per_token_req]
+            history = local < (query - drafts[:r])[per_token_req]
+            t = len(per_token_req)
+            device = input_batch.input_ids.device
+            slot = torch.from_numpy(input_batch.idx_mapping_np[per_token_req].astype(np.int64))
+            slot = slot.to(device)
+            pos = input_batch.positions[:t].long()
+            known = req_states.all_token_ids.gpu[slot, pos]
+            mask = torch.from_numpy(history).to(device)
+            ids = input_batch.input_ids[:t]
+            torch.where(mask, known.to(ids.dtype), ids, out=ids)
+        return super().prepare_inputs(input_batch, req_states)
+
+    def prepare_attn(
+        self,
+        input_batch: InputBatch,
+        cudagraph_mode: CUDAGraphMode,
+        block_tables: tuple[torch.Tensor, ...],
+        slot_mappings: torch.Tensor,
+        attn_groups: list[list[AttentionGroup]],
+        kv_cache_config: KVCacheConfig,
+        for_capture: bool = False,
+    ) -> dict[str, Any]:
+        r = input_batch.num_reqs
+        block_length = self.states.block_length_np[input_batch.idx_mapping_np[:r]]
+        per_token = np.repeat(block_length, input_batch.num_scheduled_tokens[:r]).astype(np.int32)
+        for groups in attn_groups:
+            for group in groups:
+                builder = group.get_metadata_builder(0)
+                if isinstance(builder, BlockDiffusionAttentionMetadataBuilder):
+                    builder.set_token_block_lengths(per_token)
+        return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings,
+                                    attn_groups, kv_cache_config, for_capture)

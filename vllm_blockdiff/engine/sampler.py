@@ -1,0 +1,202 @@
+"""Model Runner V2 sampler for block diffusion: propose, let the policy commit, emit the prefix.
+
+Each forward gives logits for the masked remainder of every request's current block (the canvas,
+scheduled as draft tokens). Per step and request the sampler
+  1. proposes a token and its confidence at every canvas position, with the request's own
+     temperature / top-k / top-p / seed (vLLM's sampling states and Gumbel sampler),
+  2. asks the request's policy which masked positions to commit,
+  3. emits the committed positions that are contiguous with the emitted text (vLLM then applies
+     EOS, stop tokens, stop strings and max_tokens token by token, exactly as for AR models),
+  4. reports `num_rejected` so that vLLM keeps only KV computed from final tokens: everything up
+     to the current block's start. A finished block is therefore recomputed once more, fused with
+     the first denoising step of the next block (block-causal attention makes that one forward).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from vllm.v1.worker.gpu.input_batch import InputBatch
+from vllm.v1.worker.gpu.sample.gumbel import gumbel_sample
+from vllm.v1.worker.gpu.sample.output import SamplerOutput
+from vllm.v1.worker.gpu.sample.sampler import Sampler
+from vllm.v1.worker.gpu.states import RequestState
+
+from vllm_blockdiff.engine.block_state import BlockStates
+from vllm_blockdiff.policies import POLICIES, PolicyInput
+
+# The runner reads `penalties_state.output_bin_counts`; block diffusion keeps no token counts.
+_NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
+
+
+class StepPlan:
+    """Host-side plan of one step, derived from the scheduler's token counts."""
+
+    def __init__(self, input_batch: InputBatch, states: BlockStates, max_model_len: int):
+        r = input_batch.num_reqs
+        self.slots = input_batch.idx_mapping_np[:r]
+        query = input_batch.num_scheduled_tokens[:r].astype(np.int64)
+        computed = input_batch.num_computed_tokens_np[:r].astype(np.int64)
+        drafts = input_batch.num_draft_tokens_per_req
+        self.drafts = np.zeros(r, np.int64) if drafts is None else drafts[:r].astype(np.int64)
+        self.block_length = np.maximum(states.block_length_np[self.slots], 1)
+        end = computed + query
+        num_tokens = end - self.drafts
+        block_start = num_tokens // self.block_length * self.block_length
+        self.offset = num_tokens - block_start
+        # KV stays computed only up to the current block's start: its own (and a just finished
+        # block's) KV was produced from masked inputs and is recomputed next step.
+        self.num_rejected = end - block_start
+        full_canvas = self.drafts == self.block_length - self.offset
+        # A canvas cut short by max_model_len is denoised as is (the request ends there); one cut
+        # short by the token budget is not denoised at all, so batching never changes outputs.
+        self.denoise = (self.drafts > 0) & (full_canvas | (end >= max_model_len))
+        self.fresh = self.drafts == 0  # prefill chunk: the block starts over
+
+
+class BlockDiffusionSampler:
+    def __init__(
+        self,
+        base: Sampler,
+        states: BlockStates,
+        req_states: RequestState,
+        max_model_len: int,
+    ):
+        self.base = base
+        self.sampling_states = base.sampling_states
+        self.penalties_state = _NO_PENALTIES
+        self.states = states
+        self.req_states = req_states
+        self.max_model_len = max_model_len
+        self.canvas_length = states.max_block_length
+
+    def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
+        self.base.sampling_states.add_request(req_idx, sampling_params)
+        self.base.logit_bias_state.add_request(req_idx, prompt_len, sampling_params)
+
+    def apply_staged_writes(self) -> None:
+        self.base.sampling_states.apply_staged_writes()
+        self.base.logit_bias_state.apply_staged_writes()
+
+    def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
+        plan = StepPlan(input_batch, self.states, self.max_model_len)
+        device = logits.device
+        num_reqs = input_batch.num_reqs
+        cl = self.canvas_length
+        slots = torch.from_numpy(plan.slots.astype(np.int64)).to(device)
+
+        if plan.fresh.any():
+            self.states.reset_blocks(slots[torch.from_numpy(plan.fresh).to(device)])
+
+        num_sampled = torch.zeros(num_reqs, dtype=torch.int32, device=device)
+        sampled = torch.zeros(num_reqs, cl, dtype=torch.int64, device=device)
+        offset = torch.from_numpy(plan.offset).to(device)
+        if plan.denoise.any():
+            offset = self._denoise(logits, input_batch, plan, slots, sampled, num_sampled)
+
+        # The next step's canvas (the scheduler sizes it; the runner reads the values from here).
+        canvas = self.states.canvas[slots]
+        columns = (offset[:, None] + torch.arange(cl, device=device)).clamp_(max=cl - 1)
+        self.req_states.draft_tokens[slots, :cl] = canvas.gather(1, columns)
+
+        return SamplerOutput(
+            sampled_token_ids=sampled,
+            logprobs_tensors=None,
+            num_nans=None,
+            num_sampled=num_sampled,
+            num_rejected=torch.from_numpy(plan.num_rejected.astype(np.int32)).to(device),
+        )
+
+    def _propose(self, logits: torch.Tensor, input_batch: InputBatch, plan: StepPlan,
+                 step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token, confidence and entropy of every logit row, with each request's sampling params."""
+        ss = self.sampling_states
+        idx = input_batch.expanded_idx_mapping
+        idx_np = input_batch.idx_mapping_np
+        logits = logits.float()
+        logits[:, self.states.mask_token_id] = float("-inf")  # the mask is never proposed
+        pos = input_batch.positions[input_batch.logits_indices]
+        self.base.logit_bias_state.apply_logit_bias(logits, idx, idx_np, pos)
+        ss.apply_temperature(logits, idx, idx_np)
+        ss.apply_min_p(logits, idx, idx_np)
+        logits = ss.apply_top_k_top_p(logits, idx, idx_np)
+        if np.all(ss.temperature.np[idx_np] == 0.0):
+            tokens = logits.argmax(-1)
+        else:
+            # Seeded Gumbel noise is keyed by (seed, offset): vary it with the denoising step so
+            # a position re-sampled in a later step draws fresh noise.
+            row_step = torch.repeat_interleave(step, torch.from_numpy(plan.drafts).to(step.device))
+            rng_pos = pos.long() + row_step * self.max_model_len
+            tokens = gumbel_sample(logits, idx, ss.temperature.gpu, ss.seeds.gpu, rng_pos,
+                                   apply_temperature=False)
+        logp = logits.log_softmax(-1)
+        confidence = logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
+        entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+        return tokens, confidence, entropy
+
+    def _denoise(self, logits, input_batch, plan, slots, sampled, num_sampled) -> torch.Tensor:
+        """Run one denoising step; returns each request's next canvas offset."""
+        device = logits.device
+        cl = self.canvas_length
+        states = self.states
+        step = states.step[slots]
+        tokens, confidence, entropy = self._propose(logits, input_batch, plan, step)
+
+        # Scatter logit rows onto [request, block offset] grids.
+        rows_req = np.repeat(np.arange(len(plan.slots)), plan.drafts)
+        starts = np.cumsum(plan.drafts) - plan.drafts
+        rows_col = np.arange(len(rows_req)) - starts[rows_req] + plan.offset[rows_req]
+        keep = plan.denoise[rows_req]
+        rr = torch.from_numpy(rows_req[keep]).to(device)
+        rc = torch.from_numpy(rows_col[keep]).to(device)
+        keep_t = torch.from_numpy(keep).to(device)
+        shape = (len(plan.slots), cl)
+        grid_tok = torch.zeros(shape, dtype=torch.int64, device=device)
+        grid_conf = torch.zeros(shape, dtype=torch.float32, device=device)
+        grid_ent = torch.zeros(shape, dtype=torch.float32, device=device)
+        has_logit = torch.zeros(shape, dtype=torch.bool, device=device)
+        grid_tok[rr, rc] = tokens[keep_t]
+        grid_conf[rr, rc] = confidence[keep_t]
+        grid_ent[rr, rc] = entropy[keep_t]
+        has_logit[rr, rc] = True
+
+        canvas = states.canvas[slots]
+        committed = states.committed[slots]
+        masked = has_logit & ~committed
+        block_length = torch.from_numpy(plan.block_length).to(device)
+        commit = torch.zeros(shape, dtype=torch.bool, device=device)
+        by_policy: dict[str, list[int]] = {}
+        for i in np.flatnonzero(plan.denoise):
+            by_policy.setdefault(states.options[plan.slots[i]].policy, []).append(int(i))
+        for name, rows in by_policy.items():
+            policy = POLICIES[name]
+            r = torch.tensor(rows, device=device)
+            inp = PolicyInput(grid_conf[r], masked[r], grid_tok[r], step[r], block_length[r],
+                              grid_ent[r] if policy.needs_entropy else None)
+            params = policy.batch_params(
+                [states.options[plan.slots[i]].params for i in rows],
+                [int(plan.block_length[i]) for i in rows], device)
+            commit[r] = policy.select(inp, params) & masked[r]
+
+        canvas = torch.where(commit, grid_tok, canvas)
+        committed = committed | commit
+        cols = torch.arange(cl, device=device)
+        offset = torch.from_numpy(plan.offset).to(device)
+        outside = (cols[None, :] < offset[:, None]) | (cols[None, :] >= block_length[:, None])
+        done = committed | outside
+        first_open = torch.where((~done).any(-1), (~done).int().argmax(-1), block_length)
+        emitted = first_open - offset
+        num_sampled.copy_(emitted.to(torch.int32))
+        columns = (offset[:, None] + cols).clamp_(max=cl - 1)
+        sampled.copy_(canvas.gather(1, columns))
+
+        denoise = torch.from_numpy(plan.denoise).to(device)
+        finished = denoise & (first_open >= block_length)
+        states.canvas[slots] = canvas
+        states.committed[slots] = committed
+        states.step[slots] = torch.where(denoise, step + 1, step)
+        if finished.any():
+            states.reset_blocks(slots[finished])
+        return torch.where(finished, 0, first_open)

@@ -1,0 +1,101 @@
+"""Serve-time settings and per-request decoding options, validated before the engine sees them.
+
+Per request, options travel in `SamplingParams.extra_args` (the OpenAI API's `vllm_xargs`) as flat
+keys: `policy`, `block_length`, and the chosen policy's own parameters (e.g. `threshold`,
+`steps`). Serve-time defaults come from `--additional-config '{"blockdiff": {...}}'` with the same
+keys plus `max_block_length`. Every error names the offending field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from vllm_blockdiff.policies import POLICIES
+
+REQUEST_KEYS = ("policy", "block_length")
+
+
+class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
+    """What the plugin resolved for a served checkpoint; stored on the HF config as `blockdiff`."""
+
+    block_length: Annotated[int, msgspec.Meta(ge=1)]
+    max_block_length: Annotated[int, msgspec.Meta(ge=1)]
+    mask_token_id: int
+    policy: str = "threshold"
+    # Defaults for policy parameters, by field name (apply to whichever policy declares them).
+    policy_defaults: dict[str, Any] = {}
+    # Block lengths must divide this (the KV page size) when prefix caching is on; 0: no constraint.
+    block_length_divides: int = 0
+
+
+def serve_config_of(hf_config: Any) -> ServeConfig:
+    """The settings the config hook stored on a served model's HF config."""
+    return msgspec.convert(hf_config.blockdiff, ServeConfig)
+
+
+def is_block_diffusion(hf_config: Any) -> bool:
+    return isinstance(getattr(hf_config, "blockdiff", None), dict)
+
+
+class DecodeOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Resolved options of one request."""
+
+    policy: str
+    block_length: int
+    params: msgspec.Struct
+
+
+class OptionsError(ValueError):
+    """A request option is invalid; the message names the field (vLLM answers HTTP 400)."""
+
+
+def _field_error(field: str, message: str) -> OptionsError:
+    return OptionsError(f"vllm_xargs.{field}: {message}")
+
+
+def _convert(value: dict[str, Any], cls: type[msgspec.Struct], where: str) -> msgspec.Struct:
+    try:
+        return msgspec.convert(value, cls, strict=False)
+    except msgspec.ValidationError as e:
+        # msgspec says "... - at `$.threshold`"; lead with the field so the 400 names it.
+        text = str(e)
+        field = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else where
+        raise _field_error(field, text.split(" - at ")[0]) from None
+
+
+def resolve_options(extra_args: dict[str, Any] | None, serve: ServeConfig) -> DecodeOptions:
+    """Merge a request's `extra_args` over the serve-time defaults and validate the result."""
+    args = dict(extra_args or {})
+    policy_name = args.pop("policy", serve.policy)
+    if not isinstance(policy_name, str) or policy_name not in POLICIES:
+        raise _field_error(
+            "policy", f"unknown policy {policy_name!r}; choose one of {sorted(POLICIES)}"
+        )
+    block_length = args.pop("block_length", serve.block_length)
+    if isinstance(block_length, bool) or not isinstance(block_length, int):
+        raise _field_error("block_length", f"expected an integer, got {block_length!r}")
+    if not 1 <= block_length <= serve.max_block_length:
+        raise _field_error(
+            "block_length",
+            f"must be between 1 and {serve.max_block_length} (the server's max_block_length)",
+        )
+    if serve.block_length_divides and serve.block_length_divides % block_length:
+        raise _field_error(
+            "block_length",
+            f"must divide the KV cache page size {serve.block_length_divides} while prefix "
+            "caching is enabled",
+        )
+    policy = POLICIES[policy_name]
+    fields = set(policy.params_cls.__struct_fields__)
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise _field_error(
+            unknown[0],
+            f"unknown option for policy {policy_name!r}; it takes {sorted(fields) or 'none'} "
+            f"besides {list(REQUEST_KEYS)}",
+        )
+    merged = {k: v for k, v in serve.policy_defaults.items() if k in fields} | args
+    params = _convert(merged, policy.params_cls, policy_name)
+    return DecodeOptions(policy=policy_name, block_length=block_length, params=params)

@@ -1,0 +1,90 @@
+"""The unmasking-policy interface: which masked positions of a block to commit after a forward.
+
+A policy is a pure function of per-position confidences and the block's state, batched over the
+requests that chose it. It never sees vLLM: the same functions drive the vLLM sampler and the
+plain-PyTorch reference decoder, and unit tests call them on synthetic confidences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgspec
+import torch
+
+
+class PolicyInput(NamedTuple):
+    """One denoising step for R requests whose canvases are padded to L positions."""
+
+    confidence: torch.Tensor  # [R, L] float32: probability of the proposed token
+    masked: torch.Tensor  # [R, L] bool: position is still masked (False for padding)
+    tokens: torch.Tensor  # [R, L] int64: proposed token at each position
+    step: torch.Tensor  # [R] int64: forwards already spent denoising this block (0 on the first)
+    block_length: torch.Tensor  # [R] int64: block length B of each request
+    entropy: torch.Tensor | None = None  # [R, L] float32, for policies with needs_entropy
+
+
+SelectFn = Callable[[PolicyInput, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A named policy: its per-request parameters (validated) and its selection rule.
+
+    `select(inp, params)` returns a [R, L] bool mask of positions to commit. It must commit at least
+    one masked position per row that has any, so every forward makes progress. `params` maps each
+    field of `params_cls` to a [R] tensor (float32 or int64).
+    """
+
+    name: str
+    params_cls: type[msgspec.Struct]
+    select: SelectFn
+    needs_entropy: bool = False
+    doc: str = ""
+
+    def batch_params(self, rows: list[msgspec.Struct], block_lengths: list[int],
+                     device: torch.device) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for field in self.params_cls.__struct_fields__:
+            values: list[Any] = [getattr(p, field) for p in rows]
+            # A field left as None defaults to the request's block length (e.g. steps = B).
+            values = [b if v is None else v for v, b in zip(values, block_lengths, strict=True)]
+            dtype = torch.float32 if isinstance(values[0], float) else torch.int64
+            out[field] = torch.tensor(values, dtype=dtype, device=device)
+        return out
+
+
+def masked_confidence(inp: PolicyInput) -> torch.Tensor:
+    """Confidences with non-masked positions at -inf, so they never rank or pass a threshold."""
+    return inp.confidence.masked_fill(~inp.masked, float("-inf"))
+
+
+def topk_mask(scores: torch.Tensor, k: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Per row, the k[r] highest-scoring eligible positions (ties: leftmost first).
+
+    The order is decided by a stable sort, so the choice does not depend on batch shape or device.
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+    return (rank < k[:, None]) & eligible
+
+
+def top1_mask(inp: PolicyInput) -> torch.Tensor:
+    """The single most confident masked position of each row (the progress guarantee)."""
+    return topk_mask(masked_confidence(inp), torch.ones_like(inp.step), inp.masked)
+
+
+def transfer_count(
+    block_length: torch.Tensor, steps: torch.Tensor, step: torch.Tensor
+) -> torch.Tensor:
+    """Tokens to commit at `step` when B tokens are spread over `steps` forwards.
+
+    SDAR's `get_num_transfer_tokens`: B // steps each, the remainder going to the first steps.
+    Past the last scheduled step every remaining token is due.
+    """
+    base = block_length // steps
+    extra = (step < block_length % steps).long()
+    return torch.where(step < steps, base + extra, block_length)

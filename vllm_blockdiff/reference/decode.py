@@ -1,0 +1,130 @@
+"""Block-diffusion decoding in plain PyTorch, one request at a time, without vLLM.
+
+It performs exactly the schedule the vLLM integration performs, so greedy float32 outputs (and
+forward counts) must match token for token:
+  - forward 1 runs the whole prompt block-causally; KV is kept up to the last full block;
+  - every later forward runs [uncached tokens of the current block's predecessors, current block]
+    (the current block = fixed head + canvas, masked positions holding the mask token), keeps KV
+    up to the current block's start, proposes tokens at the canvas positions and lets the policy
+    commit some; committed positions contiguous with the emitted text are emitted;
+  - a request stops at EOS / a stop token (kept in the output, as vLLM does) or max_tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_blockdiff.options import DecodeOptions
+from vllm_blockdiff.policies import POLICIES, PolicyInput
+from vllm_blockdiff.reference.modeling import CausalLM, KVPrefix, block_causal_mask
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    forwards: int
+    finish_reason: str
+    steps_per_block: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    tokens: list[int]
+    cache: list[KVPrefix] | None = None
+    computed: int = 0
+
+
+def _propose(logits: torch.Tensor, mask_token_id: int, temperature: float,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = logits.float().clone()
+    logits[:, mask_token_id] = float("-inf")
+    if temperature > 0:
+        logits = logits / temperature
+        probs = logits.softmax(-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        tokens = logits.argmax(-1)
+    logp = logits.log_softmax(-1)
+    confidence = logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
+    entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    return tokens, confidence, entropy
+
+
+@torch.inference_mode()
+def _forward(model: CausalLM, req: _Request, query: list[int], block_length: int,
+             keep_until: int) -> torch.Tensor:
+    """Run `query` at positions [computed, ...) over the cached prefix; cache KV < keep_until."""
+    start = req.computed
+    positions = torch.arange(start, start + len(query))
+    mask = block_causal_mask(positions, start + len(query), block_length)
+    logits, new_kv = model(torch.tensor([query]), positions[None], mask[None], req.cache)
+    keep = keep_until - start
+    kept = [(k[:, :, :keep], v[:, :, :keep]) for k, v in new_kv]
+    if req.cache is None:
+        req.cache = kept
+    else:
+        req.cache = [(torch.cat([ck, k], 2), torch.cat([cv, v], 2))
+                     for (ck, cv), (k, v) in zip(req.cache, kept, strict=True)]
+    req.computed = keep_until
+    return logits[0]
+
+
+def generate(
+    model: CausalLM,
+    prompt: list[int],
+    options: DecodeOptions,
+    mask_token_id: int,
+    max_tokens: int,
+    stop_token_ids: set[int],
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> Generation:
+    b = options.block_length
+    policy = POLICIES[options.policy]
+    params = policy.batch_params([options.params], [b], torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    req = _Request(prompt=list(prompt), tokens=list(prompt))
+    _forward(model, req, req.tokens, b, len(prompt) // b * b)
+    forwards, steps_per_block = 1, []
+    canvas = [mask_token_id] * b
+    committed = [False] * b
+    step = 0
+    while True:
+        n = len(req.tokens)
+        start = n // b * b
+        offset = n - start
+        query = req.tokens[req.computed:] + canvas[offset:]
+        logits = _forward(model, req, query, b, start)[-(b - offset):]
+        forwards += 1
+        tokens, confidence, entropy = _propose(logits, mask_token_id, temperature, generator)
+        pad = torch.zeros(offset)
+        masked = torch.tensor([False] * offset + [not c for c in committed[offset:]])
+        inp = PolicyInput(
+            confidence=torch.cat([pad, confidence])[None],
+            masked=masked[None],
+            tokens=torch.cat([pad.long(), tokens])[None],
+            step=torch.tensor([step]),
+            block_length=torch.tensor([b]),
+            entropy=torch.cat([pad, entropy])[None] if policy.needs_entropy else None,
+        )
+        commit = (policy.select(inp, params) & masked[None])[0].tolist()
+        for j in range(offset, b):
+            if commit[j]:
+                canvas[j] = int(tokens[j - offset])
+                committed[j] = True
+        step += 1
+        for j in range(offset, b):
+            if not committed[j]:
+                break
+            req.tokens.append(canvas[j])
+            emitted = req.tokens[len(prompt):]
+            if canvas[j] in stop_token_ids:
+                return Generation(emitted, forwards, "stop", steps_per_block)
+            if len(emitted) >= max_tokens:
+                return Generation(emitted, forwards, "length", steps_per_block)
+        if all(committed[offset:]):
+            steps_per_block.append(step)
+            canvas, committed, step = [mask_token_id] * b, [False] * b, 0
