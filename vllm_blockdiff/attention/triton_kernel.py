@@ -30,6 +30,7 @@ def _paged_block_causal_attn_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" keeps float32 models exact (no TF32)
 ):
     req = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -83,7 +84,8 @@ def _paged_block_causal_attn_kernel(
             + kv_head * stride_vh + dims[None, :],
             mask=kv_mask, other=0.0,
         )
-        s = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * qk_scale
+        s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=PRECISION).to(tl.float32)
+        s = s * qk_scale
         s = tl.where(pos[None, :] < limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf.
@@ -91,7 +93,8 @@ def _paged_block_causal_attn_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -142,4 +145,5 @@ def paged_block_causal_attention_triton(
         BLOCK_G=block_g,
         BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_size),
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )

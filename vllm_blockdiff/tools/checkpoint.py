@@ -119,10 +119,18 @@ def model_config(
         "torch_dtype": torch_dtype,
         "use_cache": True,
     }
-    if arch == "sdar" and block_size is not None:
-        # The JetAstra/SDAR training copy of config.json carries these two keys.
-        config["block_size"] = block_size
-        config["mask_token_id"] = special_ids[MASK]
+    if arch == "sdar":
+        # Keys of the published SDAR config.json that inference ignores (remote code, training).
+        config["auto_map"] = {
+            "AutoConfig": "configuration_sdar.SDARConfig",
+            "AutoModel": "modeling_sdar.SDARModel",
+            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
+        }
+        config["fuse_cross_entropy"] = True
+        if block_size is not None:
+            # SDAR's training copy of config.json adds these two keys; published ones lack them.
+            config["block_size"] = block_size
+            config["mask_token_id"] = special_ids[MASK]
     return config
 
 

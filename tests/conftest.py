@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny checkpoints built locally, one vLLM engine per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+
+ENGINE_ARGS = dict(
+    enforce_eager=True,
+    gpu_memory_utilization=0.3,
+    dtype="float32",
+    max_model_len=512,
+    max_num_seqs=64,
+    # A small token budget makes the scheduler chunk prompts and cut canvases short in busy
+    # steps, so the parity tests also cover those paths.
+    max_num_batched_tokens=96,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdar(tmp_path_factory) -> str:
+    """SDAR layout as in SDAR's training copy of config.json (block_size 4, mask_token_id)."""
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_sdar"), block_size=4))
+
+
+@pytest.fixture(scope="session")
+def published_sdar(tmp_path_factory) -> str:
+    """SDAR layout as published: no block size or mask id in config.json, auto_map to remote code."""
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("published_sdar"), block_size=None,
+                                    seed=1))
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_sdar):
+    from vllm import LLM
+
+    engine = LLM(tiny_sdar, **ENGINE_ARGS)
+    yield engine
+    del engine
