@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p, apply_top_k_top_p_pytorch
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.sample.gumbel import gumbel_sample
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
@@ -29,6 +30,17 @@ from vllm_blockdiff.policies import POLICIES, PolicyInput
 
 # The runner reads `penalties_state.output_bin_counts`; block diffusion keeps no token counts.
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
+
+
+def _gumbel_sample_host(logits: torch.Tensor, seeds: np.ndarray, offsets: np.ndarray
+                        ) -> torch.Tensor:
+    """Gumbel-max sampling keyed, like vLLM's kernel, by (request seed, offset) per row."""
+    noise = torch.empty_like(logits)
+    for row, (seed, offset) in enumerate(zip(seeds.tolist(), offsets.tolist(), strict=True)):
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + offset) % (1 << 63))
+        u = torch.rand(logits.shape[-1], generator=gen).clamp_(min=1e-20)
+        noise[row] = -torch.log(-torch.log1p(-u))
+    return (logits + noise).argmax(-1)
 
 
 class StepPlan:
@@ -121,7 +133,11 @@ class BlockDiffusionSampler:
         self.base.logit_bias_state.apply_logit_bias(logits, idx, idx_np, pos)
         ss.apply_temperature(logits, idx, idx_np)
         ss.apply_min_p(logits, idx, idx_np)
-        logits = ss.apply_top_k_top_p(logits, idx, idx_np)
+        top_k, top_p = ss.get_top_k_top_p(idx, idx_np)
+        if logits.is_cuda:
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        elif top_k is not None or top_p is not None:  # vLLM's Triton version needs a GPU
+            logits = apply_top_k_top_p_pytorch(logits, top_k, top_p, allow_cpu_sync=True)
         if np.all(ss.temperature.np[idx_np] == 0.0):
             tokens = logits.argmax(-1)
         else:
@@ -129,8 +145,12 @@ class BlockDiffusionSampler:
             # a position re-sampled in a later step draws fresh noise.
             row_step = torch.repeat_interleave(step, torch.from_numpy(plan.drafts).to(step.device))
             rng_pos = pos.long() + row_step * self.max_model_len
-            tokens = gumbel_sample(logits, idx, ss.temperature.gpu, ss.seeds.gpu, rng_pos,
-                                   apply_temperature=False)
+            if logits.is_cuda:
+                tokens = gumbel_sample(logits, idx, ss.temperature.gpu, ss.seeds.gpu, rng_pos,
+                                       apply_temperature=False)
+            else:  # Triton's interpreter lacks the libdevice call vLLM's kernel uses
+                tokens = _gumbel_sample_host(logits, ss.seeds.np[idx.cpu().numpy()],
+                                             rng_pos.cpu().numpy())
         logp = logits.log_softmax(-1)
         confidence = logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
         entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)

@@ -1,0 +1,129 @@
+"""`vllm serve <published-layout SDAR checkpoint>` answering OpenAI clients.
+
+The checkpoint has the published SDAR config.json (no block size, no mask id, auto_map to remote
+code): the plugin must find the mask token in the tokenizer and serve it with no extra flags.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.server
+
+CPU_FLAGS = ["--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--dtype", "float32"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(published_sdar, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    vllm_cli = Path(sys.executable).with_name("vllm")
+    cmd = [str(vllm_cli), "serve", published_sdar, "--port", str(port), "--enforce-eager"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + CPU_FLAGS, stdout=f, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"vllm serve did not start:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+    yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_completion_reports_tokens_per_forward(server):
+    _, client = server
+    out = client.completions.create(model=client.models.list().data[0].id, prompt="def f(x):",
+                                    max_tokens=20, temperature=0,
+                                    extra_body={"vllm_xargs": {"block_length": 8}})
+    stats = out.model_extra["kv_transfer_params"]["blockdiff"]
+    assert stats["block_length"] == 8
+    assert stats["output_tokens"] == out.usage.completion_tokens
+    assert stats["tokens_per_forward"] == pytest.approx(
+        stats["output_tokens"] / stats["forwards"], abs=1e-3)
+    assert "<|MASK|>" not in out.choices[0].text
+
+
+def test_streamed_completion_equals_single_response(server):
+    _, client = server
+    model = client.models.list().data[0].id
+    kwargs = dict(model=model, prompt="import os\n", max_tokens=30, temperature=0,
+                  extra_body={"vllm_xargs": {"policy": "dynamic", "steps": 2}, "ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0].text
+    chunks = [c.choices[0].text for c in client.completions.create(stream=True, **kwargs)]
+    assert "".join(chunks) == full
+    assert len([c for c in chunks if c]) > 1  # tokens arrive as blocks resolve, not at the end
+
+
+def test_chat_completion_streamed_and_not(server):
+    _, client = server
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "Say something."}]
+    kwargs = dict(model=model, messages=messages, max_tokens=24, temperature=0,
+                  extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or ""
+                       for c in client.chat.completions.create(stream=True, **kwargs))
+    assert streamed == full and full
+
+
+@pytest.mark.parametrize(
+    "xargs, field",
+    [
+        ({"policy": "nonsense"}, "policy"),
+        ({"threshold": "high"}, "threshold"),
+        ({"block_length": 999}, "block_length"),
+        ({"policy": "static", "threshold": 0.5}, "threshold"),
+    ],
+)
+def test_bad_options_get_400_while_others_are_served(server, xargs, field):
+    _, client = server
+    model = client.models.list().data[0].id
+    good = dict(model=model, prompt="x = 1\n", max_tokens=16, temperature=0,
+                extra_body={"ignore_eos": True})
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        goods = [pool.submit(client.completions.create, **good) for _ in range(3)]
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=model, prompt="x", max_tokens=4,
+                                      extra_body={"vllm_xargs": xargs})
+        assert err.value.status_code == 400
+        assert f"vllm_xargs.{field}" in str(err.value)
+        assert all(len(g.result().choices[0].text) > 0 for g in goods)
+
+
+def test_prometheus_metrics(server):
+    base, client = server
+    client.completions.create(model=client.models.list().data[0].id, prompt="abc",
+                              max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    text = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("vllm:diffusion_num_denoising_steps_total",
+                     "vllm:diffusion_num_committed_tokens_total"):
+            if line.startswith(name):
+                values[name] = float(line.rsplit(" ", 1)[1])
+    assert values["vllm:diffusion_num_committed_tokens_total"] >= 8
+    assert values["vllm:diffusion_num_denoising_steps_total"] >= 1
