@@ -30,7 +30,7 @@ def tiny_sdar(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def published_sdar(tmp_path_factory) -> str:
-    """SDAR layout as published: no block size or mask id in config.json, auto_map to remote code."""
+    """Published SDAR layout: no block size or mask id in config.json, auto_map to remote code."""
     return str(make_tiny_checkpoint(tmp_path_factory.mktemp("published_sdar"), block_size=None,
                                     seed=1))
 

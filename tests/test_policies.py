@@ -72,7 +72,8 @@ def test_topk_ties_break_leftmost_whatever_the_padding():
     assert topk_mask(scores, torch.tensor([2]), eligible).tolist() == [[True, True, False, False]]
     padded = torch.tensor([[0.5, 0.5, 0.5, 0.5, float("-inf"), float("-inf")]])
     eligible = torch.tensor([[True] * 4 + [False] * 2])
-    assert topk_mask(padded, torch.tensor([2]), eligible).tolist()[0][:4] == [True, True, False, False]
+    chosen = topk_mask(padded, torch.tensor([2]), eligible).tolist()[0][:4]
+    assert chosen == [True, True, False, False]
 
 
 def test_every_policy_makes_progress_on_hard_blocks():
