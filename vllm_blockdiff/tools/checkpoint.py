@@ -30,6 +30,7 @@ CHAT_TEMPLATE = (
 
 ARCHITECTURES = {
     "sdar": ("SDARForCausalLM", "sdar"),
+    "sdar_moe": ("SDARMoeForCausalLM", "sdar_moe"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
 }
 
@@ -119,12 +120,22 @@ def model_config(
         "torch_dtype": torch_dtype,
         "use_cache": True,
     }
-    if arch == "sdar":
+    if args.num_experts:
+        config.update(
+            num_experts=args.num_experts,
+            num_experts_per_tok=args.num_experts_per_tok,
+            moe_intermediate_size=args.moe_intermediate_size,
+            norm_topk_prob=args.norm_topk_prob,
+            decoder_sparse_step=args.decoder_sparse_step,
+            mlp_only_layers=args.mlp_only_layers,
+        )
+    if arch.startswith("sdar"):
         # Keys of the published SDAR config.json that inference ignores (remote code, training).
+        stem, cls = ("sdar_moe", "SDARMoe") if args.num_experts else ("sdar", "SDAR")
         config["auto_map"] = {
-            "AutoConfig": "configuration_sdar.SDARConfig",
-            "AutoModel": "modeling_sdar.SDARModel",
-            "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
+            "AutoConfig": f"configuration_{stem}.{cls}Config",
+            "AutoModel": f"modeling_{stem}.{cls}Model",
+            "AutoModelForCausalLM": f"modeling_{stem}.{cls}ForCausalLM",
         }
         config["fuse_cross_entropy"] = True
         if block_size is not None:

@@ -50,7 +50,9 @@ def make_tiny_checkpoint(
     seed: int = 0,
     logit_scale: float = 6.0,
     torch_dtype: str = "float32",
+    num_experts: int = 4,
 ) -> Path:
+    """`num_experts` applies to the MoE architecture only (top-2 routing, as small as it gets)."""
     tok = train_tokenizer(stdlib_corpus(), vocab_size)
     args = ModelArgs(
         vocab_size=tok.get_vocab_size(),
@@ -60,6 +62,8 @@ def make_tiny_checkpoint(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         head_dim=hidden_size // num_heads,
+        **(dict(num_experts=num_experts, num_experts_per_tok=2,
+                moe_intermediate_size=hidden_size * 2) if arch == "sdar_moe" else {}),
     )
     model = random_model(args, seed, logit_scale)
     return write_checkpoint(outdir, model, tok, arch, block_size, torch_dtype=torch_dtype)
@@ -68,7 +72,7 @@ def make_tiny_checkpoint(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir")
-    parser.add_argument("--arch", choices=["sdar", "qwen3"], default="sdar")
+    parser.add_argument("--arch", choices=["sdar", "sdar_moe", "qwen3"], default="sdar")
     parser.add_argument("--block-size", type=int, default=4,
                         help="block length in config.json (0: omit it, like published SDAR)")
     parser.add_argument("--vocab-size", type=int, default=384)

@@ -1,0 +1,19 @@
+# The two entry points the README documents; both install into .venv first if needed.
+VENV ?= .venv
+STAMP := $(VENV)/.blockdiff-installed
+
+.PHONY: demo test lint
+
+$(STAMP): scripts/setup_cpu.sh scripts/cpu_requirements.py pyproject.toml
+	bash scripts/setup_cpu.sh
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/python examples/demo.py
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples
+	$(VENV)/bin/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples
