@@ -20,11 +20,11 @@ def write_kv_cache(
 ) -> None:
     flat_k = key_cache.view(-1, *key_cache.shape[2:])
     flat_v = value_cache.view(-1, *value_cache.shape[2:])
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
-    flat_k.index_copy_(0, slot_mapping, key.to(flat_k.dtype))
-    flat_v.index_copy_(0, slot_mapping, value.to(flat_v.dtype))
+    # Padding tokens (CUDA-graph padding) go to page 0, vLLM's never-allocated null block; this
+    # avoids a host sync to filter them out.
+    slots = slot_mapping.clamp(min=0)
+    flat_k.index_copy_(0, slots, key.to(flat_k.dtype))
+    flat_v.index_copy_(0, slots, value.to(flat_v.dtype))
 
 
 def paged_block_causal_attention_torch(

@@ -100,7 +100,8 @@ class BlockDiffusionSampler:
         slots = torch.from_numpy(plan.slots.astype(np.int64)).to(device)
 
         if plan.fresh.any():
-            self.states.reset_blocks(slots[torch.from_numpy(plan.fresh).to(device)])
+            fresh = plan.slots[plan.fresh].astype(np.int64)
+            self.states.reset_blocks(torch.from_numpy(fresh).to(device))
 
         num_sampled = torch.zeros(num_reqs, dtype=torch.int32, device=device)
         sampled = torch.zeros(num_reqs, cl, dtype=torch.int64, device=device)
@@ -214,9 +215,8 @@ class BlockDiffusionSampler:
 
         denoise = torch.from_numpy(plan.denoise).to(device)
         finished = denoise & (first_open >= block_length)
-        states.canvas[slots] = canvas
-        states.committed[slots] = committed
-        states.step[slots] = torch.where(denoise, step + 1, step)
-        if finished.any():
-            states.reset_blocks(slots[finished])
+        # A finished block starts the next one fully masked (no host sync to find which).
+        states.canvas[slots] = canvas.masked_fill(finished[:, None], states.mask_token_id)
+        states.committed[slots] = committed & ~finished[:, None]
+        states.step[slots] = torch.where(finished, 0, torch.where(denoise, step + 1, step))
         return torch.where(finished, 0, first_open)

@@ -1,0 +1,125 @@
+"""Decode throughput of block diffusion against the autoregressive twin, side by side in one run.
+
+Both engines load the same architecture shape (SDAR = Qwen3 + block-causal attention), with
+`load_format=dummy` random weights for model shapes whose checkpoints are not available here, so
+the comparison is of the serving path at a controlled tokens-per-forward: the `static` policy with
+`steps` S commits B / S tokens per forward whatever the weights. Prints a table and writes JSON.
+
+    python benchmarks/throughput.py --shape qwen3-1.7b --batch 1 32 128 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, head dim, vocab
+    "tiny": (128, 384, 2, 4, 2, 32, 384),
+    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936),
+    "qwen3-1.7b": (2048, 6144, 28, 16, 8, 128, 151936),
+}
+
+
+class Row(msgspec.Struct):
+    engine: str
+    block_length: int
+    steps: int
+    batch: int
+    output_tokens: int
+    seconds: float
+    tokens_per_s: float
+    forwards_per_request: float
+    tokens_per_forward: float
+
+
+def write_shape(root: Path, shape: str, arch: str) -> str:
+    """A config-only checkpoint (weights come from load_format=dummy) plus a small tokenizer."""
+    from vllm_blockdiff.reference.modeling import ModelArgs
+    from vllm_blockdiff.tools.checkpoint import model_config, train_tokenizer, write_tokenizer
+    from vllm_blockdiff.tools.make_tiny_checkpoint import stdlib_corpus
+
+    hidden, inter, layers, heads, kv, hd, vocab = SHAPES[shape]
+    out = root / f"{shape}-{arch}"
+    out.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer(out, train_tokenizer(stdlib_corpus(), 384))
+    args = ModelArgs(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                     num_hidden_layers=layers, num_attention_heads=heads,
+                     num_key_value_heads=kv, head_dim=hd)
+    config = model_config(arch, args, ids, 4 if arch == "sdar" else None, 4096, "bfloat16")
+    (out / "config.json").write_text(json.dumps(config))
+    return str(out)
+
+
+def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, eager) -> list[Row]:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(path, load_format="dummy", dtype="bfloat16", enforce_eager=eager,
+              max_model_len=prompt_len + max_tokens + 64, gpu_memory_utilization=0.5,
+              max_num_seqs=max(batches), seed=0)
+    rows = []
+    for block_length, steps in configs:
+        extra = {"policy": "static", "block_length": block_length, "steps": steps}
+        for batch in batches:
+            prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 300 + 10
+                                                      for j in range(prompt_len)])
+                       for i in range(batch)]
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                    detokenize=False,
+                                    extra_args=extra if arch == "sdar" else None)
+            llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            dt = time.perf_counter() - t
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            if arch == "sdar":
+                fwd = sum(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs) / batch
+            else:
+                fwd = max_tokens  # one forward per token (the prompt's forward emits the first)
+            rows.append(Row(engine="ar" if arch == "qwen3" else "diffusion",
+                            block_length=block_length, steps=steps, batch=batch,
+                            output_tokens=tokens, seconds=round(dt, 3),
+                            tokens_per_s=round(tokens / dt, 1),
+                            forwards_per_request=round(fwd, 2),
+                            tokens_per_forward=round(tokens / batch / fwd, 3)))
+            print(msgspec.json.encode(rows[-1]).decode(), flush=True)
+    del llm
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--configs", default="4:4,4:2,4:1,8:2,16:4",
+                   help="block_length:steps pairs for the diffusion engine")
+    p.add_argument("--eager", action="store_true", help="disable torch.compile / CUDA graphs")
+    p.add_argument("--out", default="throughput.json")
+    a = p.parse_args()
+    configs = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows = run_engine(write_shape(root, a.shape, "qwen3"), "qwen3", [(1, 1)], a.batch,
+                          a.prompt_len, a.max_tokens, a.eager)
+        rows += run_engine(write_shape(root, a.shape, "sdar"), "sdar", configs, a.batch,
+                           a.prompt_len, a.max_tokens, a.eager)
+    ar = {r.batch: r.tokens_per_s for r in rows if r.engine == "ar"}
+    print(f"\n{'engine':10} {'B':>3} {'steps':>5} {'batch':>5} {'TPF':>6} {'tok/s':>10} {'vs AR':>6}")
+    for r in rows:
+        print(f"{r.engine:10} {r.block_length:3d} {r.steps:5d} {r.batch:5d} "
+              f"{r.tokens_per_forward:6.2f} {r.tokens_per_s:10.1f} {r.tokens_per_s / ar[r.batch]:6.2f}")
+    Path(a.out).write_text(json.dumps({"shape": a.shape, "prompt_len": a.prompt_len,
+                                       "max_tokens": a.max_tokens, "eager": a.eager,
+                                       "rows": msgspec.to_builtins(rows)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
