@@ -112,10 +112,12 @@ def main() -> None:
         rows += run_engine(write_shape(root, a.shape, "sdar"), "sdar", configs, a.batch,
                            a.prompt_len, a.max_tokens, a.eager)
     ar = {r.batch: r.tokens_per_s for r in rows if r.engine == "ar"}
-    print(f"\n{'engine':10} {'B':>3} {'steps':>5} {'batch':>5} {'TPF':>6} {'tok/s':>10} {'vs AR':>6}")
+    header = ("engine", "B", "steps", "batch", "TPF", "tok/s", "vs AR")
+    print("\n{:10} {:>3} {:>5} {:>5} {:>6} {:>10} {:>6}".format(*header))
     for r in rows:
         print(f"{r.engine:10} {r.block_length:3d} {r.steps:5d} {r.batch:5d} "
-              f"{r.tokens_per_forward:6.2f} {r.tokens_per_s:10.1f} {r.tokens_per_s / ar[r.batch]:6.2f}")
+              f"{r.tokens_per_forward:6.2f} {r.tokens_per_s:10.1f} "
+              f"{r.tokens_per_s / ar[r.batch]:6.2f}")
     Path(a.out).write_text(json.dumps({"shape": a.shape, "prompt_len": a.prompt_len,
                                        "max_tokens": a.max_tokens, "eager": a.eager,
                                        "rows": msgspec.to_builtins(rows)}, indent=2))
