@@ -106,6 +106,7 @@ def test_statistics_per_request(llm):
                        use_tqdm=False)[0]
     stats = out.kv_transfer_params["blockdiff"]
     # one forward for the prompt, then one per block (static with steps=1 commits a whole block)
-    assert stats == {"forwards": 1 + 2 + (len(out.prompt_token_ids) % 8 > 0), "output_tokens": 16,
+    blocks = 2 + (len(out.prompt_token_ids) % 8 > 0)
+    assert stats == {"forwards": 1 + blocks, "output_tokens": 16,
                      "tokens_per_forward": pytest.approx(16 / stats["forwards"], abs=1e-4),
-                     "block_length": 8}
+                     "block_length": 8, "blocks": blocks, "forwards_per_block": 1.0}

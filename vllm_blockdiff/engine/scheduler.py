@@ -81,11 +81,18 @@ class BlockDiffusionScheduler(Scheduler):
         progress = self._progress.pop(request.request_id, None)
         if progress is not None:
             tokens = request.num_output_tokens
+            b = progress.block_length
+            end = request.num_prompt_tokens + tokens
+            blocks = -(-end // b) - request.num_prompt_tokens // b
             stats = {
                 "forwards": progress.forwards,
                 "output_tokens": tokens,
                 "tokens_per_forward": round(tokens / max(progress.forwards, 1), 4),
-                "block_length": progress.block_length,
+                "block_length": b,
+                "blocks": blocks,
+                # the first forward is the prompt; each block costs its denoising steps, the
+                # recomputation of a finished block riding on the next block's first step
+                "forwards_per_block": round((progress.forwards - 1) / max(blocks, 1), 4),
             }
             kv_params = {**(kv_params or {}), "blockdiff": stats}
         return kv_params, ec_params

@@ -1,0 +1,74 @@
+"""`vllm serve <checkpoint>` configuration for block-diffusion checkpoints, without an engine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "research" / "checkpoint_configs"
+SCHEDULER = "vllm_blockdiff.engine.scheduler.BlockDiffusionScheduler"
+
+
+def engine_config(model: str, **kwargs):
+    return EngineArgs(model=model, gpu_memory_utilization=0.3, max_model_len=512,
+                      **kwargs).create_engine_config()
+
+
+def test_published_layout_gets_block_length_4_and_the_tokenizers_mask(published_sdar):
+    cfg = engine_config(published_sdar)
+    serve = cfg.model_config.hf_config.blockdiff
+    assert serve["block_length"] == 4 and serve["max_block_length"] == 16
+    assert serve["mask_token_id"] == 3  # "<|MASK|>" in the tokenizer, not in config.json
+    assert cfg.model_config.is_diffusion and cfg.diffusion_config.canvas_length == 16
+    assert cfg.scheduler_config.scheduler_cls == SCHEDULER
+    assert cfg.scheduler_config.async_scheduling is False
+
+
+def test_training_layout_block_size_is_read(tiny_sdar, tmp_path):
+    ckpt = tmp_path / "b8"
+    shutil.copytree(tiny_sdar, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "block_size": 8}))
+    assert engine_config(str(ckpt)).model_config.hf_config.blockdiff["block_length"] == 8
+
+
+def test_serve_time_overrides(published_sdar):
+    cfg = engine_config(published_sdar, additional_config={"blockdiff": {
+        "block_length": 8, "max_block_length": 32, "policy": "dynamic", "threshold": 0.7}})
+    serve = cfg.model_config.hf_config.blockdiff
+    assert (serve["block_length"], serve["max_block_length"], serve["policy"]) == (8, 32, "dynamic")
+    assert serve["policy_defaults"] == {"threshold": 0.7}
+    assert cfg.diffusion_config.canvas_length == 32
+    # blocks must not straddle KV pages while prefix caching is on: the page grows to fit
+    assert cfg.cache_config.block_size % 8 == 0
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"block_lenght": 8}, "block_lenght"),
+    ({"block_length": 32, "max_block_length": 16}, "block_length"),
+    ({"policy": "nope"}, "policy"),
+    ({"threshold": 3.0}, "threshold"),
+])
+def test_bad_serve_settings_name_the_key(published_sdar, settings, key):
+    with pytest.raises(Exception, match=key):
+        engine_config(published_sdar, additional_config={"blockdiff": settings})
+
+
+@pytest.mark.parametrize("name", ["SDAR-1.7B-Chat", "SDAR-4B-Chat", "SDAR-8B-Chat"])
+def test_real_sdar_config_json_is_served_unchanged(published_sdar, tmp_path, name):
+    """The verbatim published config.json (weights are not needed to configure the engine)."""
+    source = SHARED / f"{name}-config.json"
+    if not source.exists():
+        pytest.skip("shared checkpoint configs are not available on this machine")
+    ckpt = tmp_path / name
+    shutil.copytree(published_sdar, ckpt)
+    shutil.copy(source, ckpt / "config.json")
+    cfg = engine_config(str(ckpt))
+    assert cfg.model_config.architecture == "SDARForCausalLM"
+    assert cfg.model_config.hf_config.blockdiff["block_length"] == 4
+    assert cfg.model_config.hf_config.num_hidden_layers == json.loads(source.read_text())[
+        "num_hidden_layers"]
