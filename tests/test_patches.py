@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import pytest
 import vllm
 from vllm.sampling_params import SamplingParams
-
 from vllm_blockdiff.patches import PATCHES, apply_patches, diffusion_sampling_params
 
 SERVE = {"block_length": 4, "max_block_length": 16, "mask_token_id": 3}
