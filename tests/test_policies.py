@@ -16,6 +16,9 @@ def _input(conf, masked=None, step=0, block_length=None):
         tokens=torch.zeros(r, length, dtype=torch.long),
         step=torch.full((r,), step),
         block_length=torch.full((r,), block_length or length),
+        committed_confidence_sum=torch.zeros(r),
+        committed_count=torch.zeros(r, dtype=torch.long),
+        is_stop=torch.zeros(r, length, dtype=torch.bool),
     )
 
 

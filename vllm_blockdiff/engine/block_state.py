@@ -24,13 +24,18 @@ class BlockStates:
                                  dtype=torch.int64, device=device)
         self.committed = torch.zeros(max_num_reqs, max_block_length, dtype=torch.bool,
                                      device=device)
+        # Confidence each committed position had when it was committed (policy history).
+        self.committed_confidence = torch.zeros(max_num_reqs, max_block_length,
+                                                dtype=torch.float32, device=device)
         self.step = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
         # Host copies: the block length is needed to plan every step, options by the sampler.
         self.block_length_np = np.ones(max_num_reqs, dtype=np.int64)
         self.options: list[DecodeOptions | None] = [None] * max_num_reqs
+        self.stop_token_ids: list[list[int]] = [[] for _ in range(max_num_reqs)]
 
-    def add_request(self, slot: int, options: DecodeOptions) -> None:
+    def add_request(self, slot: int, options: DecodeOptions, stop_token_ids: list[int]) -> None:
         self.options[slot] = options
+        self.stop_token_ids[slot] = stop_token_ids
         self.block_length_np[slot] = options.block_length
         self.reset_blocks(torch.tensor([slot], device=self.canvas.device))
 
@@ -38,4 +43,5 @@ class BlockStates:
         """Start a fresh, fully masked block for these slots."""
         self.canvas[slots] = self.mask_token_id
         self.committed[slots] = False
+        self.committed_confidence[slots] = 0.0
         self.step[slots] = 0

@@ -44,7 +44,8 @@ class BlockDiffusionModelState(DefaultModelState):
         super().add_request(req_index, new_req_data)
         params = new_req_data.sampling_params
         extra_args = params.extra_args if params is not None else None
-        self.states.add_request(req_index, resolve_options(extra_args, self.serve))
+        stop_ids = sorted(params.all_stop_token_ids) if params is not None else []
+        self.states.add_request(req_index, resolve_options(extra_args, self.serve), stop_ids)
 
     def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
         runner_req_states = sampler.req_states

@@ -157,6 +157,14 @@ class BlockDiffusionSampler:
         entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
         return tokens, confidence, entropy
 
+    def _is_stop(self, tokens: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+        """[R, L] bool: the proposed token is one of its request's stop tokens."""
+        stops = [self.states.stop_token_ids[s] for s in slots]
+        width = max(1, max(map(len, stops)))
+        table = torch.tensor([ids + [-1] * (width - len(ids)) for ids in stops],
+                             dtype=torch.int64, device=tokens.device)
+        return (tokens[:, :, None] == table[:, None, :]).any(-1)
+
     def _denoise(self, logits, input_batch, plan, slots, sampled, num_sampled) -> torch.Tensor:
         """Run one denoising step; returns each request's next canvas offset."""
         device = logits.device
@@ -185,8 +193,10 @@ class BlockDiffusionSampler:
 
         canvas = states.canvas[slots]
         committed = states.committed[slots]
+        history = states.committed_confidence[slots]
         masked = has_logit & ~committed
         block_length = torch.from_numpy(plan.block_length).to(device)
+        is_stop = self._is_stop(grid_tok, plan.slots)
         commit = torch.zeros(shape, dtype=torch.bool, device=device)
         by_policy: dict[str, list[int]] = {}
         for i in np.flatnonzero(plan.denoise):
@@ -194,8 +204,17 @@ class BlockDiffusionSampler:
         for name, rows in by_policy.items():
             policy = POLICIES[name]
             r = torch.tensor(rows, device=device)
-            inp = PolicyInput(grid_conf[r], masked[r], grid_tok[r], step[r], block_length[r],
-                              grid_ent[r] if policy.needs_entropy else None)
+            inp = PolicyInput(
+                confidence=grid_conf[r],
+                masked=masked[r],
+                tokens=grid_tok[r],
+                step=step[r],
+                block_length=block_length[r],
+                committed_confidence_sum=history[r].sum(-1),
+                committed_count=committed[r].sum(-1),
+                is_stop=is_stop[r],
+                entropy=grid_ent[r] if policy.needs_entropy else None,
+            )
             params = policy.batch_params(
                 [states.options[plan.slots[i]].params for i in rows],
                 [int(plan.block_length[i]) for i in rows], device)
@@ -203,6 +222,7 @@ class BlockDiffusionSampler:
 
         canvas = torch.where(commit, grid_tok, canvas)
         committed = committed | commit
+        history = torch.where(commit, grid_conf, history)
         cols = torch.arange(cl, device=device)
         offset = torch.from_numpy(plan.offset).to(device)
         outside = (cols[None, :] < offset[:, None]) | (cols[None, :] >= block_length[:, None])
@@ -218,5 +238,6 @@ class BlockDiffusionSampler:
         # A finished block starts the next one fully masked (no host sync to find which).
         states.canvas[slots] = canvas.masked_fill(finished[:, None], states.mask_token_id)
         states.committed[slots] = committed & ~finished[:, None]
+        states.committed_confidence[slots] = history.masked_fill(finished[:, None], 0.0)
         states.step[slots] = torch.where(finished, 0, torch.where(denoise, step + 1, step))
         return torch.where(finished, 0, first_open)

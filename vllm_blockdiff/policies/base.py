@@ -23,6 +23,10 @@ class PolicyInput(NamedTuple):
     tokens: torch.Tensor  # [R, L] int64: proposed token at each position
     step: torch.Tensor  # [R] int64: forwards already spent denoising this block (0 on the first)
     block_length: torch.Tensor  # [R] int64: block length B of each request
+    # Block history: confidences (at commit time) of the positions committed so far in the block.
+    committed_confidence_sum: torch.Tensor  # [R] float32
+    committed_count: torch.Tensor  # [R] int64
+    is_stop: torch.Tensor  # [R, L] bool: the proposed token would stop the request (EOS, stop ids)
     entropy: torch.Tensor | None = None  # [R, L] float32, for policies with needs_entropy
 
 

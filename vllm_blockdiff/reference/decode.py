@@ -91,6 +91,7 @@ def generate(
     forwards, steps_per_block = 1, []
     canvas = [mask_token_id] * b
     committed = [False] * b
+    history: list[float] = []  # confidences of this block's committed positions
     step = 0
     while True:
         n = len(req.tokens)
@@ -102,12 +103,16 @@ def generate(
         tokens, confidence, entropy = _propose(logits, mask_token_id, temperature, generator)
         pad = torch.zeros(offset)
         masked = torch.tensor([False] * offset + [not c for c in committed[offset:]])
+        proposed = torch.cat([pad.long(), tokens])
         inp = PolicyInput(
             confidence=torch.cat([pad, confidence])[None],
             masked=masked[None],
-            tokens=torch.cat([pad.long(), tokens])[None],
+            tokens=proposed[None],
             step=torch.tensor([step]),
             block_length=torch.tensor([b]),
+            committed_confidence_sum=torch.tensor([sum(history)], dtype=torch.float32),
+            committed_count=torch.tensor([len(history)]),
+            is_stop=torch.tensor([[t in stop_token_ids for t in proposed.tolist()]]),
             entropy=torch.cat([pad, entropy])[None] if policy.needs_entropy else None,
         )
         commit = (policy.select(inp, params) & masked[None])[0].tolist()
@@ -115,6 +120,7 @@ def generate(
             if commit[j]:
                 canvas[j] = int(tokens[j - offset])
                 committed[j] = True
+                history.append(float(confidence[j - offset]))
         step += 1
         for j in range(offset, b):
             if not committed[j]:
@@ -127,4 +133,4 @@ def generate(
                 return Generation(emitted, forwards, "length", steps_per_block)
         if all(committed[offset:]):
             steps_per_block.append(step)
-            canvas, committed, step = [mask_token_id] * b, [False] * b, 0
+            canvas, committed, history, step = [mask_token_id] * b, [False] * b, [], 0
