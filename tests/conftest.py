@@ -11,7 +11,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
 ENGINE_ARGS = dict(
-    enforce_eager=True,
+    # BLOCKDIFF_TEST_COMPILE=1 (GPU runs): torch.compile and CUDA graphs, as vLLM serves by default.
+    enforce_eager=os.environ.get("BLOCKDIFF_TEST_COMPILE") != "1",
     gpu_memory_utilization=0.3,
     dtype="float32",
     max_model_len=512,
