@@ -20,6 +20,9 @@ ENGINE_ARGS = dict(
     # A small token budget makes the scheduler chunk prompts and cut canvases short in busy
     # steps, so the parity tests also cover those paths.
     max_num_batched_tokens=96,
+    # 16-token KV pages (vLLM's GPU default; the CPU default is 128) so prompts fill pages and
+    # prefix caching, whose hashes the scheduler salts with the block length, is exercised.
+    block_size=16,
 )
 
 
