@@ -1,0 +1,100 @@
+"""JSONSchemaBench declared coverage of the xgrammar backend, and output validation helpers."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_blockdiff.grammar import XGrammarBackend
+from vllm_blockdiff.grammar.coverage import (
+    UNUSABLE,
+    check_schema_file,
+    coverage,
+    load_schema,
+    output_errors,
+)
+
+JSONSCHEMABENCH = Path("/work/shared/data/jsonschemabench")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_sdar) -> XGrammarBackend:
+    return XGrammarBackend(tiny_sdar)
+
+
+def test_load_schema_plain_or_wrapped(tmp_path):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    (tmp_path / "plain.json").write_text(json.dumps(schema))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"json_schema": schema, "tests": []}))
+    (tmp_path / "text.json").write_text(json.dumps({"json_schema": json.dumps(schema)}))
+    for name in ("plain", "wrapped", "text"):
+        assert load_schema(tmp_path / f"{name}.json") == schema
+
+
+def test_output_errors():
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}},
+              "required": ["n"]}
+    assert output_errors('{"n": 3}', schema) is None
+    assert "required" in output_errors("{}", schema)
+    assert "less than the minimum" in output_errors('{"n": 0}', schema)
+    assert output_errors('{"n": ', schema).startswith("not JSON")
+    assert output_errors('"2024-13-45"', {"type": "string", "format": "date"}) is not None
+    unusable = output_errors('"x"', {"$ref": "https://example.invalid/schema.json"})
+    assert unusable.startswith(UNUSABLE)
+
+
+def test_check_schema_file(backend, tmp_path):
+    cases = {
+        "ok": {"type": "object", "properties": {"a": {"type": "string"}}},
+        "approx": {"type": "number", "multipleOf": 0.5},
+        "bad": {"type": "foo"},
+    }
+    for name, schema in cases.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(schema))
+    (tmp_path / "broken.json").write_text('{"type": ')
+    ok, approx, bad, broken = (check_schema_file(backend, tmp_path / f"{n}.json")
+                               for n in ("ok", "approx", "bad", "broken"))
+    assert ok.compiled and not ok.warnings and ok.error is None
+    assert approx.compiled and any("multipleOf" in w for w in approx.warnings)
+    assert not bad.compiled and bad.error == 'Unsupported type "foo"'
+    assert not broken.compiled and "Expecting value" in broken.error
+
+
+@pytest.fixture(scope="module")
+def bench(backend):
+    if not JSONSCHEMABENCH.exists():
+        pytest.skip("JSONSchemaBench not available")
+    t0 = time.perf_counter()
+    result = coverage(backend, JSONSCHEMABENCH)
+    return result, time.perf_counter() - t0
+
+
+def test_declared_coverage_per_split(bench):
+    result, seconds = bench
+    print(f"\nJSONSchemaBench declared coverage, xgrammar ({seconds:.1f}s):")
+    for split in result.values():
+        print("  " + split.summary())
+    assert sorted(result) == sorted(p.name for p in JSONSCHEMABENCH.iterdir() if p.is_dir())
+    for split in result.values():
+        assert split.total == len(list((JSONSCHEMABENCH / split.split).glob("*.json")))
+        assert len(split.compiled_paths) == split.compiled
+        assert split.declared_coverage >= 0.98, split.summary()
+        assert split.exact < split.compiled  # some schemas compile only approximately
+        failures = [r for r in split.results if not r.compiled]
+        assert all(r.error and not r.error.startswith("[") for r in failures)
+
+
+def test_full_compile_agrees_with_validation(backend, bench):
+    """Every schema validation refuses, and 25 per split it accepts, compiled completely."""
+    result, _ = bench
+    rng = random.Random(0)
+    sample = [r for split in result.values() for r in split.results if not r.compiled]
+    for split in result.values():
+        sample += rng.sample([r for r in split.results if r.compiled], 25)
+    for r in sample:
+        full = check_schema_file(backend, r.path, warnings=False, full=True)
+        assert (full.compiled, full.error) == (r.compiled, r.error), r.path

@@ -1,0 +1,257 @@
+"""Grammar backends behind a small interface: compile a spec once, then one matcher per request.
+
+The canvas logic (`canvas.py`) only needs a matcher that accepts a token, rolls back, fills a
+token bitmask and names the text the grammar forces next; `XGrammarBackend` provides that with
+xgrammar. A second backend (llguidance: `LLMatcher.consume_token / rollback /
+compute_mask_into`) fits the same protocols.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import xgrammar as xgr
+
+from vllm_blockdiff.grammar import bitmask as bitmask_ops
+from vllm_blockdiff.grammar.spec import GrammarError, GrammarSpec, choice_ebnf
+
+
+class Matcher(Protocol):
+    """Grammar state after the tokens accepted so far. Not thread-safe: one per request."""
+
+    stop_token_ids: tuple[int, ...]
+
+    def accept(self, token: int) -> bool:
+        """Advance over `token` if the grammar allows it here; False (state unchanged) if not."""
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
+        """Write the allowed next tokens into row `row` of a host int32 bitmask."""
+
+    def is_completed(self) -> bool:
+        """The text so far is a complete sentence of the grammar: a stop token may follow."""
+
+    def is_terminated(self) -> bool:
+        """A stop token has been accepted: nothing more may follow."""
+
+    def jump_forward_string(self) -> str:
+        """The longest text every continuation starts with (may be empty)."""
+
+    def reset(self) -> None:
+        """Back to the empty prefix."""
+
+
+class GrammarBackend(Protocol):
+    vocab_size: int  # the model's (bitmask width in tokens); may exceed the tokenizer's
+    stop_token_ids: tuple[int, ...]  # default stop tokens a complete sentence may end with
+
+    def validate(self, spec: GrammarSpec) -> None:
+        """Cheap check that `spec` compiles (no vocabulary pass); raises GrammarError."""
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        """Compile (cached by spec); raises GrammarError naming the spec's field."""
+
+    def matcher(self, compiled: Any, stop_token_ids: Sequence[int] | None = None) -> Matcher:
+        """A fresh matcher; `stop_token_ids` overrides the backend's default stop tokens."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens (used to fast-forward forced text)."""
+
+
+_LOG_PREFIX = re.compile(r"^\[[\d:.]+\]\s+\S+:\d+:\s*")
+_CHECK_PREFIX = re.compile(r"^Check failed: \(.*?\) is false:\s*")
+
+
+def compiler_message(err: BaseException) -> str:
+    """xgrammar's message without its C++ log location, e.g. 'Unsupported type "foo"'."""
+    text = _LOG_PREFIX.sub("", str(err).strip())
+    return _CHECK_PREFIX.sub("", text).strip() or type(err).__name__
+
+
+# xgrammar 0.2.8 writes the characters of length-limited strings (minLength / maxLength) as
+# [^"\\\r\n], which admits raw control characters (tab, \x16, ...) that JSON forbids inside
+# strings: outputs would not parse. The JSON string character class fixes it (no escapes there,
+# as before: a restriction, never invalid JSON).
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
+
+
+def json_schema_grammar(source: str, any_whitespace: bool) -> xgr.Grammar:
+    """The schema's grammar (vLLM's settings: strict mode), with JSON-valid string characters."""
+    grammar = xgr.Grammar.from_json_schema(source, any_whitespace=any_whitespace)
+    text = str(grammar)
+    if _LOOSE_STRING_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids that never stand for text: special tokens and added tokens flagged special.
+
+    xgrammar reads added tokens such as `<|im_end|>` or `<|MASK|>` as their literal text and
+    would allow them inside JSON strings; the detokenizer then drops them (or the engine stops on
+    them), so they must be excluded from every mask.
+    """
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as is; a path through AutoTokenizer (never running remote code: SDAR
+    configs carry an `auto_map`, which would otherwise make transformers ask on stdin)."""
+    if isinstance(tokenizer, str | Path):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)
+    return tokenizer
+
+
+def tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int],
+                   excluded: Sequence[int] = ()) -> xgr.TokenizerInfo:
+    """xgrammar's view of the vocabulary, with special and `excluded` tokens blanked."""
+    detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=list(stop_token_ids))
+    encoded = [""] * vocab_size
+    for token, i in tokenizer.get_vocab().items():
+        if i < vocab_size:
+            encoded[i] = token
+    for i in special_token_ids(tokenizer) | set(excluded):
+        if i < vocab_size:
+            encoded[i] = ""
+    return xgr.TokenizerInfo(encoded, detected.vocab_type, vocab_size=vocab_size,
+                             stop_token_ids=list(stop_token_ids),
+                             add_prefix_space=detected.add_prefix_space)
+
+
+class XGrammarMatcher:
+    """`Matcher` over `xgrammar.GrammarMatcher`.
+
+    Ids that can never be accepted (special tokens other than its stops, ids past the vocabulary)
+    are refused here: xgrammar would refuse them too, but logs a warning for each.
+    """
+
+    def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: Sequence[int],
+                 special: np.ndarray):
+        self.stop_token_ids = tuple(stop_token_ids)
+        self._stops = frozenset(self.stop_token_ids)
+        self._special = special
+        self._m = xgr.GrammarMatcher(compiled, override_stop_tokens=list(self.stop_token_ids))
+
+    def accept(self, token: int) -> bool:
+        token = int(token)
+        if token not in self._stops and (not 0 <= token < len(self._special)
+                                         or self._special[token]):
+            return False
+        return self._m.accept_token(token)
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self._m.rollback(num_tokens)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
+        if self._m.is_terminated():  # xgrammar refuses; the request has ended
+            bitmask_ops.allow_only(bitmask[row], self.stop_token_ids)
+            return
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def is_completed(self) -> bool:
+        return self._m.is_completed()
+
+    def is_terminated(self) -> bool:
+        return self._m.is_terminated()
+
+    def jump_forward_string(self) -> str:
+        return "" if self._m.is_terminated() else self._m.find_jump_forward_string()
+
+    def reset(self) -> None:
+        self._m.reset()
+
+
+class XGrammarBackend:
+    """Compiles specs against one tokenizer + model vocabulary; thread-safe compile and cache.
+
+    `vocab_size` is the model's (lm_head rows); ids past the tokenizer are never allowed.
+    `stop_token_ids` are the ids a complete sentence may end with (the model's EOS ids, primary
+    first, e.g. `<|im_end|>`, `<|endoftext|>`), the tokenizer's EOS if not given.
+    `excluded_token_ids` are never allowed either (the diffusion mask token, should a tokenizer
+    not flag it special).
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None,
+                 stop_token_ids: Sequence[int] | None = None,
+                 excluded_token_ids: Sequence[int] = (), cache_size: int = 256,
+                 max_threads: int | None = None):
+        self.tokenizer = load_tokenizer(tokenizer)
+        vocab = self.tokenizer.get_vocab()
+        self.vocab_size = vocab_size or max(len(vocab), max(vocab.values()) + 1)
+        if stop_token_ids is None:
+            stop_token_ids = [self.tokenizer.eos_token_id]
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        info = tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_ids,
+                              excluded_token_ids)
+        self._special = np.zeros(self.vocab_size, dtype=bool)
+        self._special[info.special_token_ids] = True  # blanked specials and padding ids
+        threads = max_threads or min(8, os.cpu_count() or 1)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+        self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def validate(self, spec: GrammarSpec) -> None:
+        """Raise GrammarError if `spec` does not compile, without the token-level work.
+
+        Converting a spec to a grammar is where compilation fails; the vocabulary pass that
+        follows is the costly part (milliseconds to seconds per schema), so request validation
+        in the API server calls this and the engine calls `compile`.
+        """
+        self._grammar(spec)
+
+    def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        grammar = self._grammar(spec)
+        try:
+            compiled = self._compiler.compile_grammar(grammar)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise GrammarError(spec.field, compiler_message(e)) from None
+        with self._lock:
+            self._cache[spec] = compiled
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _grammar(self, spec: GrammarSpec) -> xgr.Grammar:
+        try:
+            if spec.kind in ("json", "json_object"):
+                source = spec.source if spec.kind == "json" else '{"type": "object"}'
+                return json_schema_grammar(source, spec.any_whitespace)
+            if spec.kind == "regex":
+                return xgr.Grammar.from_regex(spec.source)
+            if spec.kind == "choice":
+                return xgr.Grammar.from_ebnf(choice_ebnf(spec.choices))
+            return xgr.Grammar.from_ebnf(spec.source)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise GrammarError(spec.field, compiler_message(e)) from None
+
+    def matcher(self, compiled: xgr.CompiledGrammar,
+                stop_token_ids: Sequence[int] | None = None) -> XGrammarMatcher:
+        stops = self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
+        return XGrammarMatcher(compiled, stops, self._special)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
