@@ -19,6 +19,7 @@ def _input(conf, masked=None, step=0, block_length=None):
         committed_confidence_sum=torch.zeros(r),
         committed_count=torch.zeros(r, dtype=torch.long),
         is_stop=torch.zeros(r, length, dtype=torch.bool),
+        entropy=torch.ones(r, length),  # policies with needs_entropy read it
     )
 
 
