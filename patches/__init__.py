@@ -7,9 +7,9 @@ than patching blindly.
 
 from __future__ import annotations
 
-from vllm_blockdiff.patches import diffusion_sampling_params
+from vllm_blockdiff.patches import diffusion_sampling_params, diffusion_structured_outputs
 
-PATCHES = (diffusion_sampling_params,)
+PATCHES = (diffusion_sampling_params, diffusion_structured_outputs)
 
 
 def apply_patches() -> None:

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import vllm
 from vllm.sampling_params import SamplingParams
+
 from vllm_blockdiff.patches import PATCHES, apply_patches, diffusion_sampling_params
 
 SERVE = {"block_length": 4, "max_block_length": 16, "mask_token_id": 3}
@@ -52,3 +53,23 @@ def test_every_patch_declares_its_versions_and_is_idempotent():
     before = SamplingParams._validate_diffusion
     diffusion_sampling_params.apply()
     assert SamplingParams._validate_diffusion is before
+
+
+def test_diffusion_structured_outputs_routes_grammars_to_the_plugin(tiny_sdar):
+    from transformers import AutoTokenizer
+    from vllm.config import StructuredOutputsConfig
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from vllm_blockdiff.engine.validation import grammar_of
+
+    tok = AutoTokenizer.from_pretrained(tiny_sdar)
+    model = _model()
+    model.get_vocab_size = lambda: 384
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    params._validate_structured_outputs(model, None, tok)
+    assert params.structured_outputs is None  # vLLM's grammar manager never sees it
+    assert grammar_of(params.extra_args).kind == "regex"
+    vllm_only = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    original = SamplingParams._validate_structured_outputs.__wrapped__
+    with pytest.raises(ValueError, match="not yet supported for diffusion"):
+        original(vllm_only, model, StructuredOutputsConfig(), tok)  # vLLM 0.26 alone

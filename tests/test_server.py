@@ -127,3 +127,41 @@ def test_prometheus_metrics(server):
                 values[name] = float(line.rsplit(" ", 1)[1])
     assert values["vllm:diffusion_num_committed_tokens_total"] >= 8
     assert values["vllm:diffusion_num_denoising_steps_total"] >= 1
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                           "n": {"type": "integer"}},
+          "required": ["city", "n"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_streamed_and_not(server):
+    import json
+
+    import jsonschema
+
+    _, client = server
+    model = client.models.list().data[0].id
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "A city as JSON."}],
+                  max_tokens=200, temperature=0,
+                  response_format={"type": "json_schema",
+                                   "json_schema": {"name": "city", "schema": SCHEMA}})
+    out = client.chat.completions.create(**kwargs)
+    text = out.choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or ""
+                       for c in client.chat.completions.create(stream=True, **kwargs))
+    assert streamed == text
+    if out.choices[0].finish_reason == "stop":
+        jsonschema.validate(json.loads(text), SCHEMA)
+    else:  # cut by max_tokens inside the object, reported as vLLM does for AR models
+        assert out.choices[0].finish_reason == "length" and text.startswith("{")
+
+
+def test_uncompilable_schema_is_a_400_with_the_compilers_message(server):
+    _, client = server
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=client.models.list().data[0].id, max_tokens=8,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "bad", "schema": {"type": "foo"}}})
+    assert err.value.status_code == 400 and 'Unsupported type "foo"' in str(err.value)

@@ -15,6 +15,9 @@ import msgspec
 from vllm_blockdiff.policies import POLICIES
 
 REQUEST_KEYS = ("policy", "block_length")
+# Set by the plugin itself (not by clients): the request's grammar, moved out of vLLM's
+# structured-output fields by the API-server validation (`engine/validation.py`).
+GRAMMAR_KEY = "_blockdiff_grammar"
 
 
 class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
@@ -68,6 +71,7 @@ def _convert(value: dict[str, Any], cls: type[msgspec.Struct], where: str) -> ms
 def resolve_options(extra_args: dict[str, Any] | None, serve: ServeConfig) -> DecodeOptions:
     """Merge a request's `extra_args` over the serve-time defaults and validate the result."""
     args = dict(extra_args or {})
+    args.pop(GRAMMAR_KEY, None)
     policy_name = args.pop("policy", serve.policy)
     if not isinstance(policy_name, str) or policy_name not in POLICIES:
         raise _field_error(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vllm_blockdiff.grammar import CanvasConstraint
 from vllm_blockdiff.options import DecodeOptions
 
 
@@ -32,10 +33,14 @@ class BlockStates:
         self.block_length_np = np.ones(max_num_reqs, dtype=np.int64)
         self.options: list[DecodeOptions | None] = [None] * max_num_reqs
         self.stop_token_ids: list[list[int]] = [[] for _ in range(max_num_reqs)]
+        # Grammar state of constrained requests (host objects; see vllm_blockdiff/grammar).
+        self.constraints: list[CanvasConstraint | None] = [None] * max_num_reqs
 
-    def add_request(self, slot: int, options: DecodeOptions, stop_token_ids: list[int]) -> None:
+    def add_request(self, slot: int, options: DecodeOptions, stop_token_ids: list[int],
+                    constraint: CanvasConstraint | None = None) -> None:
         self.options[slot] = options
         self.stop_token_ids[slot] = stop_token_ids
+        self.constraints[slot] = constraint
         self.block_length_np[slot] = options.block_length
         self.reset_blocks(torch.tensor([slot], device=self.canvas.device))
 

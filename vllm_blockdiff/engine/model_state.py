@@ -24,6 +24,8 @@ from vllm.v1.worker.utils import AttentionGroup
 from vllm_blockdiff.attention.backend import BlockDiffusionAttentionMetadataBuilder
 from vllm_blockdiff.engine.block_state import BlockStates
 from vllm_blockdiff.engine.sampler import BlockDiffusionSampler
+from vllm_blockdiff.engine.validation import grammar_of
+from vllm_blockdiff.grammar import CanvasConstraint, XGrammarBackend
 from vllm_blockdiff.options import resolve_options, serve_config_of
 
 
@@ -36,6 +38,7 @@ class BlockDiffusionModelState(DefaultModelState):
         self.serve = serve_config_of(self.model_config.hf_config)
         self.states = BlockStates(self.max_num_reqs, self.serve.max_block_length,
                                   self.serve.mask_token_id, device)
+        self._grammar: XGrammarBackend | None = None  # built on the first constrained request
 
     def get_supported_generation_tasks(self):
         return ("generate",)
@@ -45,7 +48,23 @@ class BlockDiffusionModelState(DefaultModelState):
         params = new_req_data.sampling_params
         extra_args = params.extra_args if params is not None else None
         stop_ids = sorted(params.all_stop_token_ids) if params is not None else []
-        self.states.add_request(req_index, resolve_options(extra_args, self.serve), stop_ids)
+        constraint = None
+        if (spec := grammar_of(extra_args)) is not None:
+            # The grammar may end the output with the model's EOS ids, not with user stop ids
+            # (those are ordinary text tokens).
+            eos = sorted(params.all_stop_token_ids - set(params.stop_token_ids or ()))
+            constraint = CanvasConstraint.create(self._grammar_backend(), spec, eos)
+            # A resumed (preempted) request carries its output so far in its prefill tokens.
+            constraint.accept(new_req_data.prefill_token_ids[len(new_req_data.prompt_token_ids):])
+        self.states.add_request(req_index, resolve_options(extra_args, self.serve), stop_ids,
+                                constraint)
+
+    def _grammar_backend(self) -> XGrammarBackend:
+        if self._grammar is None:
+            self._grammar = XGrammarBackend(self.model_config.tokenizer,
+                                            vocab_size=self.model_config.get_vocab_size(),
+                                            excluded_token_ids=[self.serve.mask_token_id])
+        return self._grammar
 
     def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
         runner_req_states = sampler.req_states

@@ -26,6 +26,7 @@ from vllm.v1.worker.gpu.sample.sampler import Sampler
 from vllm.v1.worker.gpu.states import RequestState
 
 from vllm_blockdiff.engine.block_state import BlockStates
+from vllm_blockdiff.grammar import bitmask
 from vllm_blockdiff.policies import POLICIES, PolicyInput
 
 # The runner reads `penalties_state.output_bin_counts`; block diffusion keeps no token counts.
@@ -130,6 +131,7 @@ class BlockDiffusionSampler:
         idx_np = input_batch.idx_mapping_np
         logits = logits.float()
         logits[:, self.states.mask_token_id] = float("-inf")  # the mask is never proposed
+        self._mask_grammar_rows(logits, input_batch, plan)
         pos = input_batch.positions[input_batch.logits_indices]
         self.base.logit_bias_state.apply_logit_bias(logits, idx, idx_np, pos)
         ss.apply_temperature(logits, idx, idx_np)
@@ -156,6 +158,43 @@ class BlockDiffusionSampler:
         confidence = logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
         entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
         return tokens, confidence, entropy
+
+    def _constrained(self, plan: StepPlan) -> list[int]:
+        """Batch indices of denoising requests with a grammar."""
+        return [int(i) for i in np.flatnonzero(plan.denoise)
+                if self.states.constraints[plan.slots[i]] is not None]
+
+    def _mask_grammar_rows(self, logits: torch.Tensor, input_batch: InputBatch,
+                           plan: StepPlan) -> None:
+        """Exact grammar mask at each constrained request's first uncommitted position.
+
+        That position is the request's first logit row; positions further right are sampled
+        freely and checked token by token when committed (`_commit_grammar_runs`).
+        """
+        rows = self._constrained(plan)
+        if not rows:
+            return
+        masks = bitmask.allocate(len(rows), logits.shape[-1])
+        for j, i in enumerate(rows):
+            self.states.constraints[plan.slots[i]].fill_bitmask(masks, j)
+        first = torch.from_numpy(input_batch.cu_num_logits_np[rows].astype(np.int64))
+        first = first.to(logits.device)
+        selected = logits[first]
+        bitmask.apply(selected, masks)
+        logits[first] = selected
+
+    def _commit_grammar_runs(self, plan: StepPlan, commit: torch.Tensor,
+                             grid_tok: torch.Tensor) -> None:
+        """Under a grammar, commit only the longest grammar-valid run from the first open
+        position (the policy's picks where valid, forced tokens between them); emit = commit."""
+        for i in self._constrained(plan):
+            constraint = self.states.constraints[plan.slots[i]]
+            off, b = int(plan.offset[i]), int(plan.block_length[i])
+            run = constraint.commit_run(grid_tok[i, off:b].tolist(), commit[i, off:b].tolist())
+            constraint.accept(run)
+            commit[i] = False
+            commit[i, off:off + len(run)] = True
+            grid_tok[i, off:off + len(run)] = torch.tensor(run, dtype=grid_tok.dtype)
 
     def _is_stop(self, tokens: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
         """[R, L] bool: the proposed token is one of its request's stop tokens."""
@@ -219,6 +258,7 @@ class BlockDiffusionSampler:
                 [states.options[plan.slots[i]].params for i in rows],
                 [int(plan.block_length[i]) for i in rows], device)
             commit[r] = policy.select(inp, params) & masked[r]
+        self._commit_grammar_runs(plan, commit, grid_tok)
 
         canvas = torch.where(commit, grid_tok, canvas)
         committed = committed | commit

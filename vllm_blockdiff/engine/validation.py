@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from vllm_blockdiff.options import OptionsError, resolve_options, serve_config_of
+import msgspec
+
+from vllm_blockdiff.grammar import GrammarSpec, XGrammarBackend, spec_from_structured_outputs
+from vllm_blockdiff.options import GRAMMAR_KEY, OptionsError, resolve_options, serve_config_of
 
 
 def validate_request(params: Any, hf_config: Any) -> None:
@@ -26,3 +30,29 @@ def validate_request(params: Any, hf_config: Any) -> None:
         if used:
             raise OptionsError(f"{field}: not supported by block-diffusion models")
     resolve_options(params.extra_args, serve_config_of(hf_config))
+
+
+@functools.cache
+def _frontend_backend(tokenizer: Any, vocab_size: int) -> XGrammarBackend:
+    return XGrammarBackend(tokenizer, vocab_size=vocab_size)
+
+
+def attach_grammar(params: Any, vocab_size: int, tokenizer: Any) -> None:
+    """Check a request's structured-output constraint and hand it to the plugin's sampler.
+
+    vLLM's structured-output manager assumes tokens arrive left to right one at a time, so the
+    constraint leaves vLLM's fields and travels in `extra_args`, compiled by the workers. A
+    schema, regex or grammar that does not compile raises here (HTTP 400, compiler message).
+    """
+    spec = spec_from_structured_outputs(params.structured_outputs)
+    if spec is None:
+        return
+    _frontend_backend(tokenizer, vocab_size).validate(spec)
+    params.extra_args = {**(params.extra_args or {}),
+                         GRAMMAR_KEY: msgspec.json.encode(spec).decode()}
+    params.structured_outputs = None
+
+
+def grammar_of(extra_args: dict[str, Any] | None) -> GrammarSpec | None:
+    raw = (extra_args or {}).get(GRAMMAR_KEY)
+    return None if raw is None else msgspec.json.decode(raw, type=GrammarSpec)
