@@ -21,10 +21,10 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-    from vllm_blockdiff.patches import apply_patches
 
     from vllm_blockdiff.engine.config_hook import BlockDiffusionConfigHook
     from vllm_blockdiff.models import FAMILIES
+    from vllm_blockdiff.patches import apply_patches
 
     if not vllm.__version__.startswith(SUPPORTED_VLLM):
         raise RuntimeError(

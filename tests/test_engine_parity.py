@@ -89,7 +89,7 @@ def test_batch_equals_alone(llm, tiny_sdar, reference):
 def llm_bf16(tiny_sdar):
     from vllm import LLM
 
-    from tests.conftest import ENGINE_ARGS
+    from conftest import ENGINE_ARGS
 
     engine = LLM(tiny_sdar, **{**ENGINE_ARGS, "dtype": "bfloat16"})
     yield engine
