@@ -30,6 +30,7 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 
 from vllm_blockdiff.attention.ops import paged_block_causal_attention, write_kv_cache
 
@@ -68,7 +69,7 @@ class BlockDiffusionAttentionMetadataBuilder(
     def set_token_block_lengths(self, block_lengths: np.ndarray) -> None:
         """Block length of each scheduled token of the next batch (set by the model state)."""
         n = len(block_lengths)
-        self._token_block_length[:n].copy_(torch.from_numpy(block_lengths), non_blocking=True)
+        async_copy_to_gpu(block_lengths, out=self._token_block_length[:n])
         self._token_block_length[n:].fill_(1)
 
     def build(

@@ -15,6 +15,8 @@ import torch
 from vllm_blockdiff.grammar import CanvasConstraint
 from vllm_blockdiff.options import DecodeOptions
 
+MAX_STOP_TOKENS = 16  # flagged for the policies (the first 16); vLLM itself checks every stop
+
 
 class BlockStates:
     def __init__(self, max_num_reqs: int, max_block_length: int, mask_token_id: int,
@@ -32,14 +34,17 @@ class BlockStates:
         # Host copies: the block length is needed to plan every step, options by the sampler.
         self.block_length_np = np.ones(max_num_reqs, dtype=np.int64)
         self.options: list[DecodeOptions | None] = [None] * max_num_reqs
-        self.stop_token_ids: list[list[int]] = [[] for _ in range(max_num_reqs)]
+        # Each request's stop tokens (EOS, stop_token_ids), padded with -1, for the policies.
+        self.stop_table = torch.full((max_num_reqs, MAX_STOP_TOKENS), -1, dtype=torch.int64,
+                                     device=device)
         # Grammar state of constrained requests (host objects; see vllm_blockdiff/grammar).
         self.constraints: list[CanvasConstraint | None] = [None] * max_num_reqs
 
     def add_request(self, slot: int, options: DecodeOptions, stop_token_ids: list[int],
                     constraint: CanvasConstraint | None = None) -> None:
         self.options[slot] = options
-        self.stop_token_ids[slot] = stop_token_ids
+        ids = stop_token_ids[:MAX_STOP_TOKENS]
+        self.stop_table[slot] = torch.tensor(ids + [-1] * (MAX_STOP_TOKENS - len(ids)))
         self.constraints[slot] = constraint
         self.block_length_np[slot] = options.block_length
         self.reset_blocks(torch.tensor([slot], device=self.canvas.device))

@@ -16,6 +16,7 @@ from vllm.config import VllmConfig
 from vllm.config.compilation import CUDAGraphMode
 from vllm.v1.core.sched.output import NewRequestData
 from vllm.v1.kv_cache_interface import KVCacheConfig
+from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm.v1.worker.gpu.states import RequestState
@@ -86,13 +87,11 @@ class BlockDiffusionModelState(DefaultModelState):
             history = local < (query - drafts[:r])[per_token_req]
             t = len(per_token_req)
             device = input_batch.input_ids.device
-            slot = torch.from_numpy(input_batch.idx_mapping_np[per_token_req].astype(np.int64))
-            slot = slot.to(device)
-            pos = input_batch.positions[:t].long()
-            known = req_states.all_token_ids.gpu[slot, pos]
-            mask = torch.from_numpy(history).to(device)
+            slot = input_batch.idx_mapping_np[per_token_req].astype(np.int64)
+            slot, mask = async_copy_to_gpu(np.stack([slot, history]), device=device)
+            known = req_states.all_token_ids.gpu[slot, input_batch.positions[:t].long()]
             ids = input_batch.input_ids[:t]
-            torch.where(mask, known.to(ids.dtype), ids, out=ids)
+            torch.where(mask.bool(), known.to(ids.dtype), ids, out=ids)
         return super().prepare_inputs(input_batch, req_states)
 
     def prepare_attn(

@@ -15,10 +15,12 @@ scheduled as draft tokens). Per step and request the sampler
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p, apply_top_k_top_p_pytorch
+from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.sample.gumbel import gumbel_sample
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
@@ -69,6 +71,21 @@ class StepPlan:
         self.fresh = self.drafts == 0  # prefill chunk: the block starts over
 
 
+class _Device(NamedTuple):
+    """The step plan's per-request arrays on the device (one host-to-device copy per step)."""
+
+    slots: torch.Tensor
+    offset: torch.Tensor
+    block_length: torch.Tensor
+    denoise: torch.Tensor
+    fresh: torch.Tensor
+    rejected: torch.Tensor
+    rows_req: torch.Tensor  # logit rows of denoising requests: their request ...
+    rows_col: torch.Tensor  # ... and block offset
+    rows_logit: torch.Tensor  # ... and index into the logits
+    logit_req: torch.Tensor  # the request of every logit row
+
+
 class BlockDiffusionSampler:
     def __init__(
         self,
@@ -93,39 +110,67 @@ class BlockDiffusionSampler:
         self.base.sampling_states.apply_staged_writes()
         self.base.logit_bias_state.apply_staged_writes()
 
+    def _upload(self, plan: StepPlan, device: torch.device) -> _Device:
+        """Copy the plan to the device in one asynchronous transfer."""
+        rows_req = np.repeat(np.arange(len(plan.slots)), plan.drafts)
+        starts = np.cumsum(plan.drafts) - plan.drafts
+        rows_local = np.arange(len(rows_req)) - starts[rows_req]
+        keep = plan.denoise[rows_req]
+        rows = (rows_req[keep], rows_local[keep] + plan.offset[rows_req[keep]],
+                np.flatnonzero(keep))
+        parts = [plan.slots, plan.offset, plan.block_length, plan.denoise, plan.fresh,
+                 plan.num_rejected, *rows, rows_req]
+        flat = np.concatenate([np.asarray(a, dtype=np.int64) for a in parts])
+        views = torch.split(async_copy_to_gpu(flat, device=device), [len(a) for a in parts])
+        return _Device(views[0], views[1], views[2], views[3].bool(), views[4].bool(),
+                       views[5].to(torch.int32), *views[6:10])
+
     def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
         plan = StepPlan(input_batch, self.states, self.max_model_len)
         device = logits.device
-        num_reqs = input_batch.num_reqs
+        states = self.states
         cl = self.canvas_length
-        slots = torch.from_numpy(plan.slots.astype(np.int64)).to(device)
+        d = self._upload(plan, device)
 
-        if plan.fresh.any():
-            fresh = plan.slots[plan.fresh].astype(np.int64)
-            self.states.reset_blocks(torch.from_numpy(fresh).to(device))
+        canvas = states.canvas[d.slots]
+        committed = states.committed[d.slots]
+        history = states.committed_confidence[d.slots]
+        step = states.step[d.slots]
+        if plan.fresh.any():  # a prefill chunk: the request's block starts over
+            canvas = canvas.masked_fill(d.fresh[:, None], states.mask_token_id)
+            committed = committed & ~d.fresh[:, None]
+            history = history.masked_fill(d.fresh[:, None], 0.0)
+            step = step.masked_fill(d.fresh, 0)
 
-        num_sampled = torch.zeros(num_reqs, dtype=torch.int32, device=device)
-        sampled = torch.zeros(num_reqs, cl, dtype=torch.int64, device=device)
-        offset = torch.from_numpy(plan.offset).to(device)
+        num_sampled = torch.zeros(input_batch.num_reqs, dtype=torch.int32, device=device)
+        sampled = torch.zeros(input_batch.num_reqs, cl, dtype=torch.int64, device=device)
+        offset = d.offset
         if plan.denoise.any():
-            offset = self._denoise(logits, input_batch, plan, slots, sampled, num_sampled)
+            canvas, committed, history, step, offset = self._denoise(
+                logits, input_batch, plan, d, canvas, committed, history, step, sampled,
+                num_sampled)
+        states.canvas[d.slots] = canvas
+        states.committed[d.slots] = committed
+        states.committed_confidence[d.slots] = history
+        states.step[d.slots] = step
 
         # The next step's canvas (the scheduler sizes it; the runner reads the values from here).
-        canvas = self.states.canvas[slots]
         columns = (offset[:, None] + torch.arange(cl, device=device)).clamp_(max=cl - 1)
-        self.req_states.draft_tokens[slots, :cl] = canvas.gather(1, columns)
+        self.req_states.draft_tokens[d.slots, :cl] = canvas.gather(1, columns)
 
         return SamplerOutput(
             sampled_token_ids=sampled,
             logprobs_tensors=None,
             num_nans=None,
             num_sampled=num_sampled,
-            num_rejected=torch.from_numpy(plan.num_rejected.astype(np.int32)).to(device),
+            num_rejected=d.rejected,
         )
 
     def _propose(self, logits: torch.Tensor, input_batch: InputBatch, plan: StepPlan,
-                 step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token, confidence and entropy of every logit row, with each request's sampling params."""
+                 row_step: torch.Tensor, need_entropy: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token, confidence (and entropy) of every logit row, with each request's sampling
+        params; `row_step` is each row's denoising step."""
         ss = self.sampling_states
         idx = input_batch.expanded_idx_mapping
         idx_np = input_batch.idx_mapping_np
@@ -146,7 +191,6 @@ class BlockDiffusionSampler:
         else:
             # Seeded Gumbel noise is keyed by (seed, offset): vary it with the denoising step so
             # a position re-sampled in a later step draws fresh noise.
-            row_step = torch.repeat_interleave(step, torch.from_numpy(plan.drafts).to(step.device))
             rng_pos = pos.long() + row_step * self.max_model_len
             if logits.is_cuda:
                 tokens = gumbel_sample(logits, idx, ss.temperature.gpu, ss.seeds.gpu, rng_pos,
@@ -154,9 +198,12 @@ class BlockDiffusionSampler:
             else:  # Triton's interpreter lacks the libdevice call vLLM's kernel uses
                 tokens = _gumbel_sample_host(logits, ss.seeds.np[idx.cpu().numpy()],
                                              rng_pos.cpu().numpy())
-        logp = logits.log_softmax(-1)
-        confidence = logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
-        entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+        lse = logits.logsumexp(-1)
+        confidence = (logits.gather(-1, tokens[:, None]).squeeze(-1) - lse).exp()
+        entropy = None
+        if need_entropy:
+            p = (logits - lse[:, None]).exp()
+            entropy = lse - (p * logits.nan_to_num(neginf=0.0)).sum(-1)
         return tokens, confidence, entropy
 
     def _constrained(self, plan: StepPlan) -> list[int]:
@@ -196,51 +243,39 @@ class BlockDiffusionSampler:
             commit[i, off:off + len(run)] = True
             grid_tok[i, off:off + len(run)] = torch.tensor(run, dtype=grid_tok.dtype)
 
-    def _is_stop(self, tokens: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
-        """[R, L] bool: the proposed token is one of its request's stop tokens."""
-        stops = [self.states.stop_token_ids[s] for s in slots]
-        width = max(1, max(map(len, stops)))
-        table = torch.tensor([ids + [-1] * (width - len(ids)) for ids in stops],
-                             dtype=torch.int64, device=tokens.device)
-        return (tokens[:, :, None] == table[:, None, :]).any(-1)
-
-    def _denoise(self, logits, input_batch, plan, slots, sampled, num_sampled) -> torch.Tensor:
-        """Run one denoising step; returns each request's next canvas offset."""
+    def _denoise(self, logits, input_batch, plan, d: _Device, canvas, committed, history, step,
+                 sampled, num_sampled):
+        """One denoising step on the gathered block state; returns the updated state and
+        each request's next canvas offset."""
         device = logits.device
         cl = self.canvas_length
         states = self.states
-        step = states.step[slots]
-        tokens, confidence, entropy = self._propose(logits, input_batch, plan, step)
+        groups: dict[str, list[int]] = {}
+        for i in np.flatnonzero(plan.denoise):
+            groups.setdefault(states.options[plan.slots[i]].policy, []).append(int(i))
+        need_entropy = any(POLICIES[name].needs_entropy for name in groups)
+        row_step = step[d.logit_req]
+        tokens, confidence, entropy = self._propose(logits, input_batch, plan, row_step,
+                                                    need_entropy)
 
-        # Scatter logit rows onto [request, block offset] grids.
-        rows_req = np.repeat(np.arange(len(plan.slots)), plan.drafts)
-        starts = np.cumsum(plan.drafts) - plan.drafts
-        rows_col = np.arange(len(rows_req)) - starts[rows_req] + plan.offset[rows_req]
-        keep = plan.denoise[rows_req]
-        rr = torch.from_numpy(rows_req[keep]).to(device)
-        rc = torch.from_numpy(rows_col[keep]).to(device)
-        keep_t = torch.from_numpy(keep).to(device)
+        # Scatter the denoising requests' logit rows onto [request, block offset] grids.
         shape = (len(plan.slots), cl)
+        at = (d.rows_req, d.rows_col)
         grid_tok = torch.zeros(shape, dtype=torch.int64, device=device)
         grid_conf = torch.zeros(shape, dtype=torch.float32, device=device)
-        grid_ent = torch.zeros(shape, dtype=torch.float32, device=device)
         has_logit = torch.zeros(shape, dtype=torch.bool, device=device)
-        grid_tok[rr, rc] = tokens[keep_t]
-        grid_conf[rr, rc] = confidence[keep_t]
-        grid_ent[rr, rc] = entropy[keep_t]
-        has_logit[rr, rc] = True
+        grid_tok[at] = tokens[d.rows_logit]
+        grid_conf[at] = confidence[d.rows_logit]
+        has_logit[at] = True
+        grid_ent = None
+        if entropy is not None:
+            grid_ent = torch.zeros(shape, dtype=torch.float32, device=device)
+            grid_ent[at] = entropy[d.rows_logit]
 
-        canvas = states.canvas[slots]
-        committed = states.committed[slots]
-        history = states.committed_confidence[slots]
         masked = has_logit & ~committed
-        block_length = torch.from_numpy(plan.block_length).to(device)
-        is_stop = self._is_stop(grid_tok, plan.slots)
+        is_stop = (grid_tok[:, :, None] == states.stop_table[d.slots][:, None, :]).any(-1)
         commit = torch.zeros(shape, dtype=torch.bool, device=device)
-        by_policy: dict[str, list[int]] = {}
-        for i in np.flatnonzero(plan.denoise):
-            by_policy.setdefault(states.options[plan.slots[i]].policy, []).append(int(i))
-        for name, rows in by_policy.items():
+        for name, rows in groups.items():
             policy = POLICIES[name]
             r = torch.tensor(rows, device=device)
             inp = PolicyInput(
@@ -248,7 +283,7 @@ class BlockDiffusionSampler:
                 masked=masked[r],
                 tokens=grid_tok[r],
                 step=step[r],
-                block_length=block_length[r],
+                block_length=d.block_length[r],
                 committed_confidence_sum=history[r].sum(-1),
                 committed_count=committed[r].sum(-1),
                 is_stop=is_stop[r],
@@ -264,20 +299,17 @@ class BlockDiffusionSampler:
         committed = committed | commit
         history = torch.where(commit, grid_conf, history)
         cols = torch.arange(cl, device=device)
-        offset = torch.from_numpy(plan.offset).to(device)
+        offset, block_length = d.offset, d.block_length
         outside = (cols[None, :] < offset[:, None]) | (cols[None, :] >= block_length[:, None])
-        done = committed | outside
-        first_open = torch.where((~done).any(-1), (~done).int().argmax(-1), block_length)
-        emitted = first_open - offset
-        num_sampled.copy_(emitted.to(torch.int32))
-        columns = (offset[:, None] + cols).clamp_(max=cl - 1)
-        sampled.copy_(canvas.gather(1, columns))
+        open_ = ~(committed | outside)
+        first_open = torch.where(open_.any(-1), open_.int().argmax(-1), block_length)
+        num_sampled.copy_((first_open - offset).to(torch.int32))
+        sampled.copy_(canvas.gather(1, (offset[:, None] + cols).clamp_(max=cl - 1)))
 
-        denoise = torch.from_numpy(plan.denoise).to(device)
-        finished = denoise & (first_open >= block_length)
         # A finished block starts the next one fully masked (no host sync to find which).
-        states.canvas[slots] = canvas.masked_fill(finished[:, None], states.mask_token_id)
-        states.committed[slots] = committed & ~finished[:, None]
-        states.committed_confidence[slots] = history.masked_fill(finished[:, None], 0.0)
-        states.step[slots] = torch.where(finished, 0, torch.where(denoise, step + 1, step))
-        return torch.where(finished, 0, first_open)
+        finished = d.denoise & (first_open >= block_length)
+        canvas = canvas.masked_fill(finished[:, None], states.mask_token_id)
+        committed = committed & ~finished[:, None]
+        history = history.masked_fill(finished[:, None], 0.0)
+        step = torch.where(finished, 0, torch.where(d.denoise, step + 1, step))
+        return canvas, committed, history, step, torch.where(finished, 0, first_open)
