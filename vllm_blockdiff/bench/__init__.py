@@ -1,0 +1,1 @@
+"""Benchmarks that drive the served model through vLLM (accuracy vs speed)."""
