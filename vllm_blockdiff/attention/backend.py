@@ -30,9 +30,9 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
-from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 
 from vllm_blockdiff.attention.ops import paged_block_causal_attention, write_kv_cache
+from vllm_blockdiff.engine.transfer import Staging
 
 
 @dataclass
@@ -65,11 +65,12 @@ class BlockDiffusionAttentionMetadataBuilder(
         # default for tokens the model state did not annotate (e.g. dummy runs).
         self._token_block_length = torch.ones(max_tokens, dtype=torch.int32, device=device)
         self._kv_limit = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+        self._staging = Staging(device)
 
     def set_token_block_lengths(self, block_lengths: np.ndarray) -> None:
         """Block length of each scheduled token of the next batch (set by the model state)."""
         n = len(block_lengths)
-        async_copy_to_gpu(block_lengths, out=self._token_block_length[:n])
+        self._staging.to_device(block_lengths, out=self._token_block_length[:n])
         self._token_block_length[n:].fill_(1)
 
     def build(

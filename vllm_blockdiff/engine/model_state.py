@@ -16,7 +16,6 @@ from vllm.config import VllmConfig
 from vllm.config.compilation import CUDAGraphMode
 from vllm.v1.core.sched.output import NewRequestData
 from vllm.v1.kv_cache_interface import KVCacheConfig
-from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm.v1.worker.gpu.states import RequestState
@@ -25,6 +24,7 @@ from vllm.v1.worker.utils import AttentionGroup
 from vllm_blockdiff.attention.backend import BlockDiffusionAttentionMetadataBuilder
 from vllm_blockdiff.engine.block_state import BlockStates
 from vllm_blockdiff.engine.sampler import BlockDiffusionSampler
+from vllm_blockdiff.engine.transfer import Staging
 from vllm_blockdiff.engine.validation import grammar_of
 from vllm_blockdiff.grammar import CanvasConstraint, XGrammarBackend
 from vllm_blockdiff.options import resolve_options, serve_config_of
@@ -40,6 +40,7 @@ class BlockDiffusionModelState(DefaultModelState):
         self.states = BlockStates(self.max_num_reqs, self.serve.max_block_length,
                                   self.serve.mask_token_id, device)
         self._grammar: XGrammarBackend | None = None  # built on the first constrained request
+        self._staging = Staging(device)
 
     def get_supported_generation_tasks(self):
         return ("generate",)
@@ -86,9 +87,8 @@ class BlockDiffusionModelState(DefaultModelState):
             local = np.arange(len(per_token_req)) - input_batch.query_start_loc_np[per_token_req]
             history = local < (query - drafts[:r])[per_token_req]
             t = len(per_token_req)
-            device = input_batch.input_ids.device
             slot = input_batch.idx_mapping_np[per_token_req].astype(np.int64)
-            slot, mask = async_copy_to_gpu(np.stack([slot, history]), device=device)
+            slot, mask = self._staging.to_device(np.stack([slot, history]))
             known = req_states.all_token_ids.gpu[slot, input_batch.positions[:t].long()]
             ids = input_batch.input_ids[:t]
             torch.where(mask.bool(), known.to(ids.dtype), ids, out=ids)

@@ -20,7 +20,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p, apply_top_k_top_p_pytorch
-from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.sample.gumbel import gumbel_sample
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
@@ -28,6 +27,7 @@ from vllm.v1.worker.gpu.sample.sampler import Sampler
 from vllm.v1.worker.gpu.states import RequestState
 
 from vllm_blockdiff.engine.block_state import BlockStates
+from vllm_blockdiff.engine.transfer import Staging
 from vllm_blockdiff.grammar import bitmask
 from vllm_blockdiff.policies import POLICIES, PolicyInput
 
@@ -101,6 +101,7 @@ class BlockDiffusionSampler:
         self.req_states = req_states
         self.max_model_len = max_model_len
         self.canvas_length = states.max_block_length
+        self._staging = Staging(states.canvas.device)
 
     def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
         self.base.sampling_states.add_request(req_idx, sampling_params)
@@ -110,7 +111,7 @@ class BlockDiffusionSampler:
         self.base.sampling_states.apply_staged_writes()
         self.base.logit_bias_state.apply_staged_writes()
 
-    def _upload(self, plan: StepPlan, device: torch.device) -> _Device:
+    def _upload(self, plan: StepPlan) -> _Device:
         """Copy the plan to the device in one asynchronous transfer."""
         rows_req = np.repeat(np.arange(len(plan.slots)), plan.drafts)
         starts = np.cumsum(plan.drafts) - plan.drafts
@@ -121,7 +122,7 @@ class BlockDiffusionSampler:
         parts = [plan.slots, plan.offset, plan.block_length, plan.denoise, plan.fresh,
                  plan.num_rejected, *rows, rows_req]
         flat = np.concatenate([np.asarray(a, dtype=np.int64) for a in parts])
-        views = torch.split(async_copy_to_gpu(flat, device=device), [len(a) for a in parts])
+        views = torch.split(self._staging.to_device(flat), [len(a) for a in parts])
         return _Device(views[0], views[1], views[2], views[3].bool(), views[4].bool(),
                        views[5].to(torch.int32), *views[6:10])
 
@@ -130,7 +131,7 @@ class BlockDiffusionSampler:
         device = logits.device
         states = self.states
         cl = self.canvas_length
-        d = self._upload(plan, device)
+        d = self._upload(plan)
 
         canvas = states.canvas[d.slots]
         committed = states.committed[d.slots]
