@@ -18,7 +18,8 @@ from pathlib import Path
 import openai
 
 HERE = Path(__file__).resolve().parent
-PROMPT = 'Line: Kim, Dee, Pam, Ned, Ben, Cy, Ali. Do: reverse. Result:'
+# Held-out test prompts of two of the tasks the bundled model was trained on.
+PROMPTS = ["Q: 3900+7984=", "Line: Kai, Hal, Sue, Dee, Amy. Do: sort. Result:"]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(HERE / "models" / "sdar-testbed"))
     p.add_argument("--port", type=int, default=8011)
-    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--prompt", action="append", help="prompt(s) to send (default: two tasks)")
     a = p.parse_args()
 
     vllm_cli = Path(sys.executable).with_name("vllm")
@@ -52,15 +53,16 @@ def main() -> None:
     try:
         wait_healthy(url, server)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
-        for xargs in ({"policy": "threshold", "threshold": 0.9, "block_length": 4},
-                      {"policy": "threshold", "threshold": 0.9, "block_length": 8}):
-            out = client.completions.create(model="demo", prompt=a.prompt, max_tokens=64,
-                                            temperature=0, extra_body={"vllm_xargs": xargs})
-            stats = out.model_extra["kv_transfer_params"]["blockdiff"]
-            print(f"\nprompt:     {a.prompt!r}\nvllm_xargs: {xargs}")
-            print(f"completion: {out.choices[0].text!r}")
-            print(f"tokens per forward: {stats['tokens_per_forward']:.2f} "
-                  f"({stats['output_tokens']} tokens in {stats['forwards']} forwards)")
+        for prompt in a.prompt or PROMPTS:
+            for block_length in (4, 16):
+                xargs = {"policy": "threshold", "threshold": 0.9, "block_length": block_length}
+                out = client.completions.create(model="demo", prompt=prompt, max_tokens=64,
+                                                temperature=0, extra_body={"vllm_xargs": xargs})
+                stats = out.model_extra["kv_transfer_params"]["blockdiff"]
+                print(f"\nprompt:     {prompt!r}\nvllm_xargs: {xargs}")
+                print(f"completion: {out.choices[0].text!r}")
+                print(f"tokens per forward: {stats['tokens_per_forward']:.2f} "
+                      f"({stats['output_tokens']} tokens in {stats['forwards']} forwards)")
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -14,6 +14,9 @@ scheduled as draft tokens). Per step and request the sampler
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -71,6 +74,21 @@ class StepPlan:
         self.fresh = self.drafts == 0  # prefill chunk: the block starts over
 
 
+@dataclass
+class GrammarStats:
+    """What enforcing grammars costs and saves (read by benchmarks/structured.py)."""
+
+    steps: deque = field(default_factory=lambda: deque(maxlen=100_000))  # host s per step
+    host_seconds: float = 0.0  # of the current step
+    committed: int = 0  # tokens committed under a grammar
+    forced: int = 0  # of which the grammar filled in (not the policy's proposal)
+
+    def count(self, run: list[int], proposed: list[int], chosen: list[bool]) -> None:
+        self.committed += len(run)
+        self.forced += sum(j > 0 and not (chosen[j] and t == proposed[j])
+                           for j, t in enumerate(run))
+
+
 class _Device(NamedTuple):
     """The step plan's per-request arrays on the device (one host-to-device copy per step)."""
 
@@ -102,6 +120,7 @@ class BlockDiffusionSampler:
         self.max_model_len = max_model_len
         self.canvas_length = states.max_block_length
         self._staging = Staging(states.canvas.device)
+        self.grammar_stats = GrammarStats()
 
     def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
         self.base.sampling_states.add_request(req_idx, sampling_params)
@@ -222,6 +241,7 @@ class BlockDiffusionSampler:
         rows = self._constrained(plan)
         if not rows:
             return
+        started = time.perf_counter()
         masks = bitmask.allocate(len(rows), logits.shape[-1])
         for j, i in enumerate(rows):
             self.states.constraints[plan.slots[i]].fill_bitmask(masks, j)
@@ -230,19 +250,29 @@ class BlockDiffusionSampler:
         selected = logits[first]
         bitmask.apply(selected, masks)
         logits[first] = selected
+        self.grammar_stats.host_seconds += time.perf_counter() - started
 
     def _commit_grammar_runs(self, plan: StepPlan, commit: torch.Tensor,
                              grid_tok: torch.Tensor) -> None:
         """Under a grammar, commit only the longest grammar-valid run from the first open
         position (the policy's picks where valid, forced tokens between them); emit = commit."""
-        for i in self._constrained(plan):
+        rows = self._constrained(plan)
+        if not rows:
+            return
+        started = time.perf_counter()
+        for i in rows:
             constraint = self.states.constraints[plan.slots[i]]
             off, b = int(plan.offset[i]), int(plan.block_length[i])
-            run = constraint.commit_run(grid_tok[i, off:b].tolist(), commit[i, off:b].tolist())
+            proposed, chosen = grid_tok[i, off:b].tolist(), commit[i, off:b].tolist()
+            run = constraint.commit_run(proposed, chosen)
             constraint.accept(run)
+            self.grammar_stats.count(run, proposed, chosen)
             commit[i] = False
             commit[i, off:off + len(run)] = True
             grid_tok[i, off:off + len(run)] = torch.tensor(run, dtype=grid_tok.dtype)
+        self.grammar_stats.host_seconds += time.perf_counter() - started
+        self.grammar_stats.steps.append(self.grammar_stats.host_seconds)
+        self.grammar_stats.host_seconds = 0.0
 
     def _denoise(self, logits, input_batch, plan, d: _Device, canvas, committed, history, step,
                  sampled, num_sampled):

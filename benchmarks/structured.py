@@ -1,0 +1,183 @@
+"""Structured outputs on the canvas: coverage, validity, speed with and without the grammar.
+
+    python benchmarks/structured.py --model examples/models/sdar-testbed --per-split 20
+    python benchmarks/structured.py --model ... --full          # every compiled schema
+
+1. Declared coverage per JSONSchemaBench split (compiled / total, xgrammar).
+2. Validity: JSON-schema requests for compiled schemas (a sample per split, or all with --full),
+   greedy and at temperature 1: outputs that finish must be schema-valid, outputs cut by
+   max_tokens must be valid prefixes.
+3. Speed: the testbed's JSON-record prompts at batch 8, unconstrained and constrained by each
+   example's schema: tokens per forward, wall time per output token, grammar host time per step
+   (p50 / p99) and tokens the grammar filled in without a forward of their own.
+Prints tables and writes `<out>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"
+
+
+def engine(model: str):
+    from vllm import LLM
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # stats via collective_rpc
+    on_gpu = os.path.exists("/dev/nvidia0")
+    return LLM(model, dtype="bfloat16" if on_gpu else "float32", max_model_len=1024,
+               gpu_memory_utilization=0.5 if on_gpu else 0.3, enforce_eager=not on_gpu,
+               max_num_seqs=64, seed=0)
+
+
+def grammar_stats(llm) -> dict:
+    """The workers' GrammarStats (engine/sampler.py), then reset."""
+    def take(worker):
+        from vllm_blockdiff.engine.sampler import GrammarStats
+
+        sampler = worker.model_runner.sampler
+        stats, sampler.grammar_stats = sampler.grammar_stats, GrammarStats()
+        return {"steps": list(stats.steps), "committed": stats.committed,
+                "forced": stats.forced}
+
+    return llm.collective_rpc(take)[0]
+
+
+def coverage_and_sample(tokenizer: str, root: Path, per_split: int | None, seed: int):
+    from vllm_blockdiff.grammar import XGrammarBackend
+    from vllm_blockdiff.grammar.coverage import coverage
+
+    cov = coverage(XGrammarBackend(tokenizer), root)
+    rng = random.Random(seed)
+    sample = {}
+    for split, c in cov.items():
+        paths = c.compiled_paths
+        sample[split] = paths if per_split is None else rng.sample(paths, min(per_split,
+                                                                             len(paths)))
+    return cov, sample
+
+
+def validity(llm, sample: dict[str, list[str]], max_tokens: int) -> list[dict]:
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from vllm_blockdiff.grammar.coverage import UNUSABLE, load_schema, output_errors
+
+    rows = []
+    for split, paths in sample.items():
+        schemas = [load_schema(p) for p in paths]
+        for temperature in (0.0, 1.0):
+            params = [SamplingParams(temperature=temperature, seed=i, max_tokens=max_tokens,
+                                     structured_outputs=StructuredOutputsParams(json=s))
+                      for i, s in enumerate(schemas)]
+            outs = llm.generate(["JSON:"] * len(schemas), params, use_tqdm=False)
+            finished = valid = unusable = 0
+            failures = []
+            for path, schema, out in zip(paths, schemas, outs, strict=True):
+                o = out.outputs[0]
+                if o.finish_reason != "stop":
+                    continue
+                finished += 1
+                error = output_errors(o.text, schema)
+                if error is None:
+                    valid += 1
+                elif error.startswith(UNUSABLE):
+                    unusable += 1
+                else:
+                    failures.append({"schema": Path(path).name, "error": error[:200]})
+            rows.append({"split": split, "temperature": temperature, "requests": len(schemas),
+                         "finished": finished, "valid": valid,
+                         "schema_unusable_by_validator": unusable, "failures": failures})
+    return rows
+
+
+def speed(llm, batch: int, rounds: int) -> dict:
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from vllm_blockdiff.testbed.tasks import generate
+
+    examples = generate("json", "test", batch * rounds, seed=1)
+    result = {}
+    for mode in ("free", "json_schema"):
+        tokens = forwards = 0
+        seconds = 0.0
+        grammar_stats(llm)
+        for r in range(rounds):
+            chunk = examples[r * batch:(r + 1) * batch]
+            params = [SamplingParams(temperature=0.0, max_tokens=96, structured_outputs=(
+                StructuredOutputsParams(json=e.meta["schema"]) if mode != "free" else None))
+                for e in chunk]
+            t = time.perf_counter()
+            outs = llm.generate([e.prompt for e in chunk], params, use_tqdm=False)
+            seconds += time.perf_counter() - t
+            tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+            forwards += sum(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs)
+        stats = grammar_stats(llm)
+        steps = np.array(stats["steps"]) * 1e3
+        result[mode] = {
+            "output_tokens": tokens, "tokens_per_forward": tokens / forwards,
+            "ms_per_output_token": 1e3 * seconds / tokens,
+            "grammar_ms_per_step_p50": float(np.percentile(steps, 50)) if len(steps) else 0.0,
+            "grammar_ms_per_step_p99": float(np.percentile(steps, 99)) if len(steps) else 0.0,
+            "tokens_committed_under_grammar": stats["committed"],
+            "tokens_filled_in_by_grammar": stats["forced"],
+        }
+    result["overhead"] = (result["json_schema"]["ms_per_output_token"]
+                          / result["free"]["ms_per_output_token"] - 1)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="examples/models/sdar-testbed")
+    p.add_argument("--schemas", default=str(SHARED), help="JSONSchemaBench root")
+    p.add_argument("--per-split", type=int, default=20)
+    p.add_argument("--full", action="store_true", help="every compiled schema")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/structured")
+    a = p.parse_args()
+
+    cov, sample = coverage_and_sample(a.model, Path(a.schemas),
+                                      None if a.full else a.per_split, a.seed)
+    print("\n".join(c.summary() for c in cov.values()))
+    llm = engine(a.model)
+    valid_rows = validity(llm, sample, a.max_tokens)
+    print(f"\n{'split':16} {'T':>3} {'requests':>8} {'finished':>8} {'valid':>6}")
+    for r in valid_rows:
+        print(f"{r['split']:16} {r['temperature']:3.0f} {r['requests']:8d} {r['finished']:8d} "
+              f"{r['valid'] + r['schema_unusable_by_validator']:6d}")
+        for f in r["failures"]:
+            print(f"    invalid: {f['schema']}: {f['error']}")
+    fast = speed(llm, a.batch, a.rounds)
+    print(f"\nbatch {a.batch}: {'mode':12} {'TPF':>6} {'ms/token':>9} {'grammar p50/p99 ms':>19} "
+          f"{'filled in':>9}")
+    for mode in ("free", "json_schema"):
+        m = fast[mode]
+        print(f"{'':9}{mode:12} {m['tokens_per_forward']:6.2f} {m['ms_per_output_token']:9.2f} "
+              f"{m['grammar_ms_per_step_p50']:8.2f} / {m['grammar_ms_per_step_p99']:7.2f} "
+              f"{m['tokens_filled_in_by_grammar']:9d}")
+    print(f"end-to-end overhead per output token: {fast['overhead']:+.1%}")
+    out = Path(a.out).with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "args": vars(a),
+        "coverage": {s: {"compiled": c.compiled, "total": c.total, "exact": c.exact,
+                         "declared_coverage": c.declared_coverage} for s, c in cov.items()},
+        "validity": valid_rows, "speed": fast}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
