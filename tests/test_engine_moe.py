@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from vllm import LLM
-
 from conftest import ENGINE_ARGS
 from test_engine_parity import EOS, IM_END, MASK, SERVE, prompts, run
+from vllm import LLM
+
 from vllm_blockdiff.options import resolve_options
 from vllm_blockdiff.reference.decode import generate
 from vllm_blockdiff.reference.modeling import CausalLM

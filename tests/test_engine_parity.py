@@ -87,9 +87,8 @@ def test_batch_equals_alone(llm, tiny_sdar, reference):
 
 @pytest.fixture(scope="module")
 def llm_bf16(tiny_sdar):
-    from vllm import LLM
-
     from conftest import ENGINE_ARGS
+    from vllm import LLM
 
     engine = LLM(tiny_sdar, **{**ENGINE_ARGS, "dtype": "bfloat16"})
     yield engine

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_policies import _select
 
 from vllm_blockdiff.options import OptionsError, ServeConfig, resolve_options
 from vllm_blockdiff.policies import POLICIES, PolicyInput
@@ -43,12 +44,6 @@ def _input(conf, masked=None, step=0, block_length=None, committed_sum=0.0, comm
     )
 
 
-def _select(name, inp, **params):
-    policy = POLICIES[name]
-    p = policy.params_cls(**params)
-    r = inp.confidence.shape[0]
-    batched = policy.batch_params([p] * r, inp.block_length.tolist(), torch.device("cpu"))
-    return policy.select(inp, batched).tolist()
 
 
 # --- bacd ---------------------------------------------------------------------------------------

@@ -252,10 +252,17 @@ class BlockDiffusionSampler:
         logits[first] = selected
         self.grammar_stats.host_seconds += time.perf_counter() - started
 
-    def _commit_grammar_runs(self, plan: StepPlan, commit: torch.Tensor,
-                             grid_tok: torch.Tensor) -> None:
-        """Under a grammar, commit only the longest grammar-valid run from the first open
-        position (the policy's picks where valid, forced tokens between them); emit = commit."""
+    def _commit_grammar_runs(self, plan: StepPlan, commit: torch.Tensor, grid_tok: torch.Tensor,
+                             canvas: torch.Tensor, committed: torch.Tensor) -> None:
+        """Under a grammar, emit only the longest grammar-valid run from the first open position.
+
+        Walking right from it, a position takes its committed token (an earlier step's pick that
+        lay beyond a gap), else the policy's pick, else what the grammar forces; the run ends at
+        the first position with none of these that the grammar accepts. Picks beyond that point
+        stay committed but unvalidated: they are checked when the run reaches them. A committed
+        token the grammar rejects where the run ends is re-masked. So the emitted text is always
+        grammar-valid, and confident tokens right of a gap are not thrown away.
+        """
         rows = self._constrained(plan)
         if not rows:
             return
@@ -263,13 +270,19 @@ class BlockDiffusionSampler:
         for i in rows:
             constraint = self.states.constraints[plan.slots[i]]
             off, b = int(plan.offset[i]), int(plan.block_length[i])
-            proposed, chosen = grid_tok[i, off:b].tolist(), commit[i, off:b].tolist()
+            held = committed[i, off:b].tolist()
+            proposed = torch.where(committed[i, off:b], canvas[i, off:b],
+                                   grid_tok[i, off:b]).tolist()
+            chosen = [h or c for h, c in zip(held, commit[i, off:b].tolist(), strict=True)]
             run = constraint.commit_run(proposed, chosen)
             constraint.accept(run)
             self.grammar_stats.count(run, proposed, chosen)
-            commit[i] = False
-            commit[i, off:off + len(run)] = True
-            grid_tok[i, off:off + len(run)] = torch.tensor(run, dtype=grid_tok.dtype)
+            end = off + len(run)
+            commit[i, off:end] = True
+            grid_tok[i, off:end] = torch.tensor(run, dtype=grid_tok.dtype)
+            if end < b:  # the run stopped here: whatever was picked here is not valid
+                commit[i, end] = False
+                committed[i, end] = False
         self.grammar_stats.host_seconds += time.perf_counter() - started
         self.grammar_stats.steps.append(self.grammar_stats.host_seconds)
         self.grammar_stats.host_seconds = 0.0
@@ -315,7 +328,7 @@ class BlockDiffusionSampler:
                 tokens=grid_tok[r],
                 step=step[r],
                 block_length=d.block_length[r],
-                committed_confidence_sum=history[r].sum(-1),
+                committed_confidence_sum=(history[r] * committed[r]).sum(-1),
                 committed_count=committed[r].sum(-1),
                 is_stop=is_stop[r],
                 entropy=grid_ent[r] if policy.needs_entropy else None,
@@ -324,7 +337,7 @@ class BlockDiffusionSampler:
                 [states.options[plan.slots[i]].params for i in rows],
                 [int(plan.block_length[i]) for i in rows], device)
             commit[r] = policy.select(inp, params) & masked[r]
-        self._commit_grammar_runs(plan, commit, grid_tok)
+        self._commit_grammar_runs(plan, commit, grid_tok, canvas, committed)
 
         canvas = torch.where(commit, grid_tok, canvas)
         committed = committed | commit

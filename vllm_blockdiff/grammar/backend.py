@@ -87,12 +87,21 @@ _JSON_STRING_CHAR = r'[^\0-\x1f\"\\]'
 
 
 def json_schema_grammar(source: str, any_whitespace: bool) -> xgr.Grammar:
-    """The schema's grammar (vLLM's settings: strict mode), with JSON-valid string characters."""
+    """The schema's grammar (vLLM's settings: strict mode), with JSON-valid string characters.
+
+    With `any_whitespace` the value may also start with one space or newline: byte-level BPE
+    tokenizers merge the space after a colon into the brace (" {", " ["), and a model that
+    learned to write `JSON: {` must not be forced onto a tokenization it never saw. Leading
+    whitespace is valid JSON. (Recursive references to `root` now allow it too: still JSON.)
+    """
     grammar = xgr.Grammar.from_json_schema(source, any_whitespace=any_whitespace)
-    text = str(grammar)
-    if _LOOSE_STRING_CHAR not in text:
+    text = str(grammar).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+    if any_whitespace:
+        text = re.sub(r"^root ::=", "json_value ::=", text, count=1, flags=re.M)
+        text = 'root ::= [ \\n]? json_value\n' + text
+    elif text == str(grammar):
         return grammar
-    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR))
+    return xgr.Grammar.from_ebnf(text)
 
 
 def special_token_ids(tokenizer: Any) -> set[int]:

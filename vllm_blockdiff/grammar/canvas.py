@@ -9,8 +9,9 @@ one forward, but only the first uncommitted position `f` has a known left contex
 mask is exact: the engine masks the logits there (`mask_logits` / `fill_bitmask`). A token
 proposed further right was sampled without knowing its left neighbours; it is kept only if it
 continues a grammar-valid run from `f` (`commit_run`). A committed token to the right of a gap
-could never be checked (the gap may be filled by anything), so under a grammar every commit is
-contiguous with the emitted text: commit and emit coincide. Tokens the grammar forces (one
+cannot be checked until the gap is filled, so only a contiguous run is ever emitted; the engine
+keeps such picks tentatively and passes them back in as selected once the run reaches them
+(`commit_run` then keeps or rejects them). Tokens the grammar forces (one
 allowed token, or forced text such as a fixed key) are committed without waiting for a forward
 (`forced_tokens`, and inside `commit_run`).
 

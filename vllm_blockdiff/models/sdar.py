@@ -43,7 +43,9 @@ def use_block_diffusion_attention(model: nn.Module) -> None:
             ))
 
 
-class SDARForCausalLM(Qwen3ForCausalLM):
+class BlockDiffusionExecutor:
+    """Mixin for a vLLM causal-LM class: block-causal attention and the diffusion model state."""
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         use_block_diffusion_attention(self)
@@ -53,11 +55,9 @@ class SDARForCausalLM(Qwen3ForCausalLM):
         return BlockDiffusionModelState
 
 
-class SDARMoeForCausalLM(Qwen3MoeForCausalLM):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        use_block_diffusion_attention(self)
+class SDARForCausalLM(BlockDiffusionExecutor, Qwen3ForCausalLM):
+    pass
 
-    @staticmethod
-    def get_model_state_cls():
-        return BlockDiffusionModelState
+
+class SDARMoeForCausalLM(BlockDiffusionExecutor, Qwen3MoeForCausalLM):
+    pass
