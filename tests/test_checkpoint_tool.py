@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from vllm_blockdiff.reference.modeling import CausalLM
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "research" / "checkpoint_configs"
+CONFIGS = Path(__file__).parent / "data" / "sdar_configs"
 
 
 def test_cli_writes_a_published_sdar_layout(tmp_path):
@@ -20,11 +20,9 @@ def test_cli_writes_a_published_sdar_layout(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["SDARForCausalLM"] and config["model_type"] == "sdar"
     assert "block_size" not in config and "mask_token_id" not in config
-    published = SHARED / "SDAR-1.7B-Chat-config.json"
-    if published.exists():  # same keys as the published file (values are tiny)
-        ignored = {"transformers_version", "initializer_range"}
-        keys = set(json.loads(published.read_text())) - ignored
-        assert keys <= set(config)
+    published = CONFIGS / "SDAR-1.7B-Chat-config.json"  # same keys (values are tiny)
+    ignored = {"transformers_version", "initializer_range"}
+    assert set(json.loads(published.read_text())) - ignored <= set(config)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.mask_token == "<|MASK|>" and tok.mask_token_id is not None
     with safe_open(out / "model.safetensors", "pt") as f:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from vllm.engine.arg_utils import EngineArgs
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "research" / "checkpoint_configs"
+CONFIGS = Path(__file__).parent / "data" / "sdar_configs"
 SCHEDULER = "vllm_blockdiff.engine.scheduler.BlockDiffusionScheduler"
 
 
@@ -61,9 +61,7 @@ def test_bad_serve_settings_name_the_key(published_sdar, settings, key):
 @pytest.mark.parametrize("name", ["SDAR-1.7B-Chat", "SDAR-4B-Chat", "SDAR-8B-Chat"])
 def test_real_sdar_config_json_is_served_unchanged(published_sdar, tmp_path, name):
     """The verbatim published config.json (weights are not needed to configure the engine)."""
-    source = SHARED / f"{name}-config.json"
-    if not source.exists():
-        pytest.skip("shared checkpoint configs are not available on this machine")
+    source = CONFIGS / f"{name}-config.json"
     ckpt = tmp_path / name
     shutil.copytree(published_sdar, ckpt)
     shutil.copy(source, ckpt / "config.json")

@@ -31,7 +31,10 @@ from vllm_blockdiff.grammar.coverage import UNUSABLE, check_schema_file, load_sc
 from vllm_blockdiff.tools.checkpoint import train_tokenizer, write_tokenizer
 from vllm_blockdiff.tools.make_tiny_checkpoint import stdlib_corpus
 
-JSONSCHEMABENCH = Path("/work/shared/data/jsonschemabench")
+SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"
+# The full benchmark where this workplace has it, else the small sample kept in the repository.
+JSONSCHEMABENCH = (SHARED_BENCH if SHARED_BENCH.exists()
+                   else Path(__file__).parent / "data" / "jsonschemabench_sample")
 PADDED_VOCAB = 448  # the tiny model has 384 tokens; lm_heads are often padded past the tokenizer
 
 
@@ -46,7 +49,7 @@ def tiny(tiny_sdar) -> XGrammarBackend:
 def wide(tmp_path_factory) -> XGrammarBackend:
     """A 2048-token BPE trained on code and JSON: tokens such as `":` or `",` span structure."""
     docs = [p.read_text() for s in sorted(JSONSCHEMABENCH.iterdir())
-            for p in sorted(s.glob("*.json"))[:60]] if JSONSCHEMABENCH.exists() else []
+            for p in sorted(s.glob("*.json"))[:60]]
     out = tmp_path_factory.mktemp("wide_tokenizer")
     ids = write_tokenizer(out, train_tokenizer(stdlib_corpus() + docs, 2048))
     return XGrammarBackend(out, stop_token_ids=[ids["<|im_end|>"], ids["<|endoftext|>"]])
@@ -415,14 +418,14 @@ KNOWN_XGRAMMAR_GAPS = {
 }
 
 
-@pytest.mark.skipif(not JSONSCHEMABENCH.exists(), reason="JSONSchemaBench not available")
 def test_random_out_of_order_decoding_jsonschemabench(wide):
     """20 schemas per split: every emitted prefix is grammar-valid, every finished output parses,
     and is schema-valid unless the compiler reported (or is known for) an approximation."""
     t0 = time.perf_counter()
     done = capped = checked = approximate = 0
     totals = dict(forwards=0, forced=0, proposed=0, dropped=0, tokens=0)
-    for k, path in enumerate(bench_sample(20, seed=5)):
+    sample = bench_sample(20, seed=5)
+    for k, path in enumerate(sample):
         result = check_schema_file(wide, path)
         if not result.compiled:
             continue
@@ -449,7 +452,7 @@ def test_random_out_of_order_decoding_jsonschemabench(wide):
     print(f"\njsonschemabench sample: {done} finished ({checked} schema-valid, {approximate} "
           f"approximate grammar or unverifiable), {capped} capped; {totals}; "
           f"{time.perf_counter() - t0:.1f}s")
-    assert capped <= 5 and checked >= 80
+    assert capped <= len(sample) // 20 and checked >= 0.8 * len(sample)
 
 
 @pytest.mark.parametrize("spec, pattern", [
