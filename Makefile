@@ -12,8 +12,8 @@ demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples
+	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples scripts
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples
+	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples scripts

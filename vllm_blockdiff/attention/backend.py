@@ -32,7 +32,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_blockdiff.attention.ops import paged_block_causal_attention, write_kv_cache
-from vllm_blockdiff.engine.transfer import Staging
+from vllm_blockdiff.transfer import Staging
 
 
 @dataclass

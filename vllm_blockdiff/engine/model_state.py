@@ -24,10 +24,10 @@ from vllm.v1.worker.utils import AttentionGroup
 from vllm_blockdiff.attention.backend import BlockDiffusionAttentionMetadataBuilder
 from vllm_blockdiff.engine.block_state import BlockStates
 from vllm_blockdiff.engine.sampler import BlockDiffusionSampler
-from vllm_blockdiff.engine.transfer import Staging
 from vllm_blockdiff.engine.validation import grammar_of
 from vllm_blockdiff.grammar import CanvasConstraint, XGrammarBackend
 from vllm_blockdiff.options import resolve_options, serve_config_of
+from vllm_blockdiff.transfer import Staging
 
 
 class BlockDiffusionModelState(DefaultModelState):

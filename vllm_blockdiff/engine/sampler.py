@@ -30,9 +30,9 @@ from vllm.v1.worker.gpu.sample.sampler import Sampler
 from vllm.v1.worker.gpu.states import RequestState
 
 from vllm_blockdiff.engine.block_state import BlockStates
-from vllm_blockdiff.engine.transfer import Staging
 from vllm_blockdiff.grammar import bitmask
 from vllm_blockdiff.policies import POLICIES, PolicyInput
+from vllm_blockdiff.transfer import Staging
 
 # The runner reads `penalties_state.output_bin_counts`; block diffusion keeps no token counts.
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
