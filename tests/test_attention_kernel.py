@@ -9,15 +9,17 @@ import torch
 
 from vllm_blockdiff.attention.ops import paged_block_causal_attention_torch, write_kv_cache
 from vllm_blockdiff.attention.triton_kernel import paged_block_causal_attention_triton
+from vllm_blockdiff.engine.layout import token_layout
 from vllm_blockdiff.reference.modeling import block_causal_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(heads, kv_heads, head_dim, page, queries, dtype, seed=0):
-    """queries: (first position, query length, block length) per request."""
+    """queries: (first position, query length, block length[, drafts]) per request."""
+    queries = [(*q, 0)[:4] for q in queries]
     g = torch.Generator().manual_seed(seed)
-    seq_lens = [start + n for start, n, _ in queries]
+    seq_lens = [start + n for start, n, *_ in queries]
     pages_per_req = [-(-s // page) for s in seq_lens]
     num_pages = sum(pages_per_req) + 3
     perm = torch.randperm(num_pages, generator=g)
@@ -28,23 +30,24 @@ def _case(heads, kv_heads, head_dim, page, queries, dtype, seed=0):
         used += n
     kc = torch.randn(num_pages, page, kv_heads, head_dim, generator=g)
     vc = torch.randn(num_pages, page, kv_heads, head_dim, generator=g)
-    total = sum(n for _, n, _ in queries)
+    total = sum(n for _, n, *_ in queries)
     q = torch.randn(total, heads, head_dim, generator=g)
     k_new = torch.randn(total, kv_heads, head_dim, generator=g)
     v_new = torch.randn(total, kv_heads, head_dim, generator=g)
-    pos = torch.cat([torch.arange(s, s + n) for s, n, _ in queries])
-    blocks = torch.cat([torch.full((n,), b) for _, n, b in queries])
-    limit = ((pos // blocks + 1) * blocks).int()
-    req_of = torch.cat([torch.full((n,), r) for r, (_, n, _) in enumerate(queries)])
+    pos = torch.cat([torch.arange(s, s + n) for s, n, *_ in queries])
+    layout = token_layout(*zip(*[(s, n, d, b) for s, n, b, d in queries], strict=True))
+    ranges = [torch.from_numpy(a).int() for a in layout[:3]]
+    req_of = torch.cat([torch.full((n,), r) for r, (_, n, *_) in enumerate(queries)])
     slots = (table[req_of, pos // page].long() * page + pos % page)
-    qsl = torch.tensor([0] + torch.tensor([n for _, n, _ in queries]).cumsum(0).tolist(),
+    qsl = torch.tensor([0] + torch.tensor([n for _, n, *_ in queries]).cumsum(0).tolist(),
                        dtype=torch.int32)
     to = dict(device=DEVICE)
     return dict(q=q.to(dtype=dtype, **to), k_new=k_new.to(dtype=dtype, **to),
                 v_new=v_new.to(dtype=dtype, **to), kc=kc.to(dtype=dtype, **to),
                 vc=vc.to(dtype=dtype, **to), slots=slots.to(**to), qsl=qsl.to(**to),
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-                table=table.to(**to), limit=limit.to(**to), pos=pos, queries=queries)
+                table=table.to(**to), ranges=[a.to(**to) for a in ranges], pos=pos,
+                queries=queries)
 
 
 CASES = [
@@ -54,6 +57,9 @@ CASES = [
     dict(heads=7, kv_heads=1, head_dim=64, page=32, queries=[(5, 3, 4), (100, 4, 4), (17, 1, 1)]),
     # head_dim that is not a power of two
     dict(heads=2, kv_heads=2, head_dim=40, page=16, queries=[(30, 9, 16)]),
+    # FreeDave drafts side by side: a finished block, 2 emitted tokens, the 6 open positions and
+    # two more copies of the block (B=8), beside a request with one draft
+    dict(heads=4, kv_heads=2, head_dim=32, page=16, queries=[(16, 32, 8, 22), (8, 8, 8, 8)]),
 ]
 
 
@@ -64,9 +70,9 @@ def test_kernel_matches_torch(case):
     expected = torch.zeros_like(c["q"])
     got = torch.zeros_like(c["q"])
     args = (c["kc"], c["vc"])
-    meta = (c["qsl"], c["seq_lens"], c["table"], c["limit"], 0.125)
+    meta = (c["qsl"], c["seq_lens"], c["table"], *c["ranges"], 0.125)
     paged_block_causal_attention_torch(c["q"], *args, expected, *meta)
-    max_q = max(n for _, n, _ in c["queries"])
+    max_q = max(n for _, n, *_ in c["queries"])
     paged_block_causal_attention_triton(c["q"], *args, got, *meta, max_q)
     torch.testing.assert_close(got, expected, atol=2e-5 if DEVICE == "cpu" else 2e-3, rtol=1e-3)
 
@@ -77,9 +83,24 @@ def test_torch_path_is_block_causal_attention():
     write_kv_cache(c["k_new"], c["v_new"], c["kc"], c["vc"], c["slots"])
     out = torch.zeros_like(c["q"])
     paged_block_causal_attention_torch(c["q"], c["kc"], c["vc"], out, c["qsl"], c["seq_lens"],
-                                       c["table"], c["limit"], 0.25)
+                                       c["table"], *c["ranges"], 0.25)
     mask = block_causal_mask(c["pos"], 23, 4).to(DEVICE)
     q, k, v = (t.transpose(0, 1) for t in (c["q"], c["k_new"], c["v_new"]))
     k, v = k.repeat_interleave(2, 0), v.repeat_interleave(2, 0)
     att = ((q @ k.transpose(1, 2)) * 0.25).masked_fill(~mask, float("-inf")).softmax(-1) @ v
     torch.testing.assert_close(out, att.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_drafts_side_by_side_see_the_prefix_and_themselves():
+    """A block of 4 at position 4 with one emitted token, its 3 open positions (draft 0) and one
+    more draft (a whole copy of the block): each sees the prefix and its own copy, at the
+    block's rotary positions."""
+    layout = token_layout([4], [8], [7], [4])
+    assert layout.kv_limit.tolist() == [8] * 4 + [12] * 4
+    assert layout.skip_start.tolist() == [4] * 8
+    assert layout.skip_end.tolist() == [4] * 4 + [8] * 4
+    assert layout.rope_positions.tolist() == [4, 5, 6, 7, 4, 5, 6, 7]
+    # one draft: block-causal attention, slot positions unchanged
+    plain = token_layout([0, 8], [6, 8], [0, 8], [4, 8])
+    assert plain.kv_limit.tolist() == [4] * 4 + [8] * 2 + [16] * 8
+    assert plain.rope_positions is None

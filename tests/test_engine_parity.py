@@ -109,3 +109,46 @@ def test_bfloat16_agrees_with_float32_reference(llm_bf16, tiny_sdar, reference):
     print("bf16 common-prefix fractions", [round(a, 2) for a in agree])
     assert sum(agree) / len(agree) >= 0.5
     assert sum(a == 1.0 for a in agree) >= len(agree) // 4
+
+
+@pytest.mark.parametrize("block_length", [4, 8])
+def test_freedave_equals_static_one_token_per_step(llm, tiny_sdar, reference, block_length):
+    """FreeDave's drafts, verified in one forward, give static decoding's tokens exactly (and
+    the reference's), in fewer forwards; mixed into a batch with other policies."""
+    ps = prompts(tiny_sdar)
+    free = [(p, {"block_length": block_length, "policy": "freedave", "drafts": 4}) for p in ps]
+    static = [(p, {"block_length": block_length, "policy": "static"}) for p in ps]
+    others = [(p, {"block_length": 8, "policy": "threshold"}) for p in ps[:3]]
+    outputs = run(llm, free + static + others)
+    n = len(ps)
+    free_forwards = static_forwards = 0
+    for (prompt, args), (tokens, stats), (static_tokens, static_stats) in zip(
+            free, outputs[:n], outputs[n:2 * n], strict=True):
+        ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
+                       {EOS, IM_END})
+        assert tokens == static_tokens == ref.token_ids, len(prompt)
+        free_forwards += stats["forwards"]
+        static_forwards += static_stats["forwards"]
+    assert free_forwards < static_forwards
+    print(f"B={block_length}: freedave {free_forwards} forwards, static {static_forwards}")
+
+
+@pytest.mark.parametrize("fine", [1, 2])
+def test_tccf_switches_block_length_after_the_marker(llm, tiny_sdar, reference, fine):
+    """TCCF: block length 8 until the block holding the marker ends, then `fine`; the same
+    tokens and forwards as the reference, whose attention switches at the same position."""
+    ps = prompts(tiny_sdar)
+    plain = run(llm, [(p, {"block_length": 8}) for p in ps])
+    # each request's marker: a token it writes early on (its 4th), so the switch happens
+    chosen = [(p, {"block_length": 8, "policy": "tccf", "marker": tokens[3],
+                   "fine_block_length": fine}, stats["forwards"])
+              for p, (tokens, stats) in zip(ps, plain, strict=True) if len(tokens) > 8]
+    assert len(chosen) >= 4
+    outputs = run(llm, [(p, args) for p, args, _ in chosen])
+    slower = 0
+    for (prompt, args, plain_forwards), (tokens, stats) in zip(chosen, outputs, strict=True):
+        ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
+                       {EOS, IM_END})
+        assert (tokens, stats["forwards"]) == (ref.token_ids, ref.forwards), len(prompt)
+        slower += stats["forwards"] > plain_forwards
+    assert slower  # fine blocks after the switch cost forwards

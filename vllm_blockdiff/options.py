@@ -31,6 +31,13 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     policy_defaults: dict[str, Any] = {}
     # Block lengths must divide this (the KV page size) when prefix caching is on; 0: no constraint.
     block_length_divides: int = 0
+    # Draft tokens a request may run per forward (several drafts of a block: FreeDave); 0 means
+    # max_block_length, one block.
+    canvas_length: int = 0
+
+    def __post_init__(self) -> None:
+        if self.canvas_length < self.max_block_length:
+            self.canvas_length = self.max_block_length
 
 
 def serve_config_of(hf_config: Any) -> ServeConfig:
@@ -65,6 +72,8 @@ def _convert(value: dict[str, Any], cls: type[msgspec.Struct], where: str) -> ms
         # msgspec says "... - at `$.threshold`"; lead with the field so the 400 names it.
         text = str(e)
         field = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else where
+        if "missing required field `" in text:
+            field = text.split("missing required field `", 1)[1].split("`", 1)[0]
         raise _field_error(field, text.split(" - at ")[0]) from None
 
 
@@ -102,4 +111,11 @@ def resolve_options(extra_args: dict[str, Any] | None, serve: ServeConfig) -> De
         )
     merged = {k: v for k, v in serve.policy_defaults.items() if k in fields} | args
     params = _convert(merged, policy.params_cls, policy_name)
+    fine = getattr(params, "fine_block_length", None)
+    if fine is not None and block_length % fine:
+        raise _field_error("fine_block_length", f"must divide block_length ({block_length})")
+    # A policy's parameters may not fit every block length (e.g. Learn2PD's per-length filters).
+    check = getattr(params, "block_length_error", None)
+    if check is not None and (error := check(block_length)) is not None:
+        raise _field_error(*error)
     return DecodeOptions(policy=policy_name, block_length=block_length, params=params)

@@ -1,11 +1,13 @@
 """vLLM attention backend for block-causal attention over the paged KV cache.
 
-Every forward a block-diffusion model needs is one mask rule, "a query token at absolute position p
-sees keys at positions < kv_limit", with kv_limit = (p // B + 1) * B for block length B:
-the block-causal prompt prefill, a denoising step (the block sees the cached prefix and itself),
-and a commit of the finished block fused with the next block's first step. kv_limit is computed
-per token by the model state (`engine/model_state.py`), so requests with different block lengths,
-prefills and denoise steps share one batch. B = 1 is ordinary causal attention.
+Every forward a block-diffusion model needs is one mask rule, "a query token sees the keys at
+positions < kv_limit, except those in [skip_start, skip_end)". With kv_limit = (p // B + 1) * B for
+the token at position p and block length B, and no skip, it covers the block-causal prompt
+prefill, a denoising step (the block sees the cached prefix and itself), and a commit of the
+finished block fused with the next block's first step; the skip range keeps drafts that run side
+by side (FreeDave) apart. The model state computes the ranges per token (`engine/layout.py`), so
+requests with different block lengths, prefills, denoise steps and drafts share one batch.
+B = 1 is ordinary causal attention.
 
 Keys and values are written to the paged cache for every scheduled token; a denoising step's
 (provisional) entries are overwritten when the block is committed, and the scheduler only counts a
@@ -32,6 +34,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_blockdiff.attention.ops import paged_block_causal_attention, write_kv_cache
+from vllm_blockdiff.engine.layout import TokenLayout
 from vllm_blockdiff.transfer import Staging
 
 
@@ -44,7 +47,9 @@ class BlockDiffusionAttentionMetadata:
     seq_lens: torch.Tensor  # [R] int32
     block_table: torch.Tensor  # [R, max_pages] int32
     slot_mapping: torch.Tensor  # [T] int64
-    kv_limit: torch.Tensor  # [T] int32: token t sees key positions < kv_limit[t]
+    kv_limit: torch.Tensor  # [T] int32: token t sees key positions < kv_limit[t] ...
+    skip_start: torch.Tensor  # [T] int32: ... except [skip_start[t], skip_end[t])
+    skip_end: torch.Tensor
 
 
 class BlockDiffusionAttentionMetadataBuilder(
@@ -61,17 +66,17 @@ class BlockDiffusionAttentionMetadataBuilder(
     ):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
-        # Persistent buffers (fixed addresses for CUDA graphs). Block length 1 = causal, the
-        # default for tokens the model state did not annotate (e.g. dummy runs).
-        self._token_block_length = torch.ones(max_tokens, dtype=torch.int32, device=device)
-        self._kv_limit = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+        # Persistent buffer (fixed addresses for CUDA graphs): kv_limit, skip_start, skip_end
+        # of each token. Tokens the model state did not annotate (padding) see no keys.
+        self._ranges = torch.zeros(3, max_tokens, dtype=torch.int32, device=device)
         self._staging = Staging(device)
 
-    def set_token_block_lengths(self, block_lengths: np.ndarray) -> None:
-        """Block length of each scheduled token of the next batch (set by the model state)."""
-        n = len(block_lengths)
-        self._staging.to_device(block_lengths, out=self._token_block_length[:n])
-        self._token_block_length[n:].fill_(1)
+    def set_token_layout(self, layout: TokenLayout) -> None:
+        """Key ranges of each scheduled token of the next batch (set by the model state)."""
+        ranges = np.stack([layout.kv_limit, layout.skip_start, layout.skip_end])
+        n = ranges.shape[1]
+        self._staging.to_device(ranges, out=self._ranges[:, :n])
+        self._ranges[:, n:].fill_(0)
 
     def build(
         self,
@@ -81,11 +86,6 @@ class BlockDiffusionAttentionMetadataBuilder(
     ) -> BlockDiffusionAttentionMetadata:
         m = common_attn_metadata
         n = m.num_actual_tokens
-        if m.positions is None:
-            raise ValueError("block-diffusion attention needs token positions in its metadata")
-        kv_limit = self._kv_limit[:n]
-        block = self._token_block_length[:n]
-        torch.mul(torch.div(m.positions[:n], block, rounding_mode="floor") + 1, block, out=kv_limit)
         return BlockDiffusionAttentionMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
@@ -94,7 +94,9 @@ class BlockDiffusionAttentionMetadataBuilder(
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping,
-            kv_limit=kv_limit,
+            kv_limit=self._ranges[0, :n],
+            skip_start=self._ranges[1, :n],
+            skip_end=self._ranges[2, :n],
         )
 
 
@@ -151,6 +153,8 @@ class BlockDiffusionAttentionImpl(AttentionImpl[BlockDiffusionAttentionMetadata]
             attn_metadata.seq_lens,
             attn_metadata.block_table,
             attn_metadata.kv_limit[:n],
+            attn_metadata.skip_start[:n],
+            attn_metadata.skip_end[:n],
             self.scale,
             attn_metadata.max_query_len,
         )

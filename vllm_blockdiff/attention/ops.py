@@ -1,4 +1,5 @@
-"""Paged block-causal attention: write new keys/values into the cache, attend under kv_limit.
+"""Paged block-causal attention: write new keys/values into the cache, attend to each token's
+key range (below kv_limit, outside [skip_start, skip_end)).
 
 On CUDA the attention runs the Triton kernel in `triton_kernel.py`; elsewhere (and as the test
 oracle for the kernel) a per-request PyTorch implementation gathers each request's pages and
@@ -36,6 +37,8 @@ def paged_block_causal_attention_torch(
     seq_lens: torch.Tensor,  # [R]
     block_table: torch.Tensor,  # [R, max_pages]
     kv_limit: torch.Tensor,  # [T]
+    skip_start: torch.Tensor,  # [T]
+    skip_end: torch.Tensor,  # [T]
     scale: float,
 ) -> None:
     page_size = key_cache.shape[1]
@@ -49,7 +52,9 @@ def paged_block_causal_attention_torch(
         k = key_cache[pages].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, S, D]
         v = value_cache[pages].flatten(0, 1)[:seq_len].transpose(0, 1)
         q = query[qs:qe].transpose(0, 1)  # [H, Q, D]
-        mask = torch.arange(seq_len, device=q.device)[None, :] < kv_limit[qs:qe, None]
+        keys = torch.arange(seq_len, device=q.device)[None, :]
+        mask = (keys < kv_limit[qs:qe, None]) & (
+            (keys < skip_start[qs:qe, None]) | (keys >= skip_end[qs:qe, None]))
         out = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
         )
@@ -65,6 +70,8 @@ def paged_block_causal_attention(
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
     kv_limit: torch.Tensor,
+    skip_start: torch.Tensor,
+    skip_end: torch.Tensor,
     scale: float,
     max_query_len: int,
 ) -> None:
@@ -73,10 +80,10 @@ def paged_block_causal_attention(
 
         paged_block_causal_attention_triton(
             query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table,
-            kv_limit, scale, max_query_len,
+            kv_limit, skip_start, skip_end, scale, max_query_len,
         )
     else:
         paged_block_causal_attention_torch(
             query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table,
-            kv_limit, scale,
+            kv_limit, skip_start, skip_end, scale,
         )

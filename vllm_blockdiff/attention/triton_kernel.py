@@ -1,4 +1,7 @@
-"""Triton kernel: attention over the paged KV cache with a per-token key limit.
+"""Triton kernel: attention over the paged KV cache with a per-token key range.
+
+A query token sees the keys below its kv_limit except those in [skip_start, skip_end) (the other
+drafts, when several run side by side).
 
 One program handles BLOCK_Q query tokens of one request for one KV head and all query heads that
 share it (GQA), streaming that request's keys in tiles of BLOCK_N positions with an online softmax.
@@ -16,7 +19,8 @@ import triton.language as tl
 @triton.jit
 def _paged_block_causal_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_table_ptr, kv_limit_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_table_ptr, kv_limit_ptr, skip_start_ptr,
+    skip_end_ptr,
     scale,
     stride_qt, stride_qh,
     stride_kp, stride_ks, stride_kh,
@@ -59,6 +63,8 @@ def _paged_block_causal_attn_kernel(
     )
     limit = tl.load(kv_limit_ptr + t, mask=row_valid, other=0)
     limit = tl.minimum(limit, seq_len)
+    skip_lo = tl.load(skip_start_ptr + t, mask=row_valid, other=0)
+    skip_hi = tl.load(skip_end_ptr + t, mask=row_valid, other=0)
     kv_end = tl.max(limit, axis=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -86,7 +92,9 @@ def _paged_block_causal_attn_kernel(
         )
         s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=PRECISION).to(tl.float32)
         s = s * qk_scale
-        s = tl.where(pos[None, :] < limit[:, None], s, float("-inf"))
+        visible = (pos[None, :] < limit[:, None]) & (
+            (pos[None, :] < skip_lo[:, None]) | (pos[None, :] >= skip_hi[:, None]))
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows that have seen no key yet keep m = -inf; shift them by 0 to avoid inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -114,6 +122,8 @@ def paged_block_causal_attention_triton(
     seq_lens: torch.Tensor,  # [R]
     block_table: torch.Tensor,  # [R, max_pages]
     kv_limit: torch.Tensor,  # [T]
+    skip_start: torch.Tensor,  # [T]
+    skip_end: torch.Tensor,  # [T]
     scale: float,
     max_query_len: int,
     block_q: int = 16,
@@ -131,7 +141,7 @@ def paged_block_causal_attention_triton(
     grid = (num_reqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _paged_block_causal_attn_kernel[grid](
         query, key_cache, value_cache, output,
-        query_start_loc, seq_lens, block_table, kv_limit,
+        query_start_loc, seq_lens, block_table, kv_limit, skip_start, skip_end,
         scale,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),

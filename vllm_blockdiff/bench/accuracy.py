@@ -39,7 +39,10 @@ class Row(msgspec.Struct):
 
 
 def parse_policy(spec: str) -> dict:
-    """`name`, `name:value` (the policy's first parameter) or `name:key=value:key=value`."""
+    """`name`, `name:value` (the policy's first parameter) or `name:key=value:key=value`.
+
+    A token parameter (`marker`, `delimiter`) may be given as the token's text, e.g. `marker=|`.
+    """
     name, *parts = spec.split(":")
     if name not in POLICIES:
         raise SystemExit(f"unknown policy {name!r}; choose from {sorted(POLICIES)}")
@@ -47,8 +50,23 @@ def parse_policy(spec: str) -> dict:
     args: dict = {"policy": name}
     for i, part in enumerate(parts):
         key, value = part.split("=", 1) if "=" in part else (fields[i], part)
-        args[key] = float(value) if "." in value else int(value)
+        try:
+            args[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            args[key] = value  # a token's text, resolved with the model's tokenizer
     return args
+
+
+def resolve_tokens(args: dict, tokenizer) -> dict:
+    """Token parameters given as text -> the token's id (it must be a single token)."""
+    out = dict(args)
+    for key in ("marker", "delimiter"):
+        if isinstance(out.get(key), str):
+            ids = tokenizer.encode(out[key], add_special_tokens=False)
+            if len(ids) != 1:
+                raise SystemExit(f"{key}={out[key]!r} is {len(ids)} tokens, not one")
+            out[key] = ids[0]
+    return out
 
 
 def run_config(llm, examples: dict[str, list[Example]], extra: dict | None, label: str,
@@ -75,14 +93,16 @@ def run_config(llm, examples: dict[str, list[Example]], extra: dict | None, labe
     return rows
 
 
-def engine(path: str):
+def engine(path: str, diffusion: bool = False):
     from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     on_gpu = os.path.exists("/dev/nvidia0")
+    # Room for FreeDave's drafts: 4 at B=16, 8 at B=8 (one block each beyond the first).
+    extra = {"additional_config": {"blockdiff": {"canvas_length": 64}}} if diffusion else {}
     return LLM(path, dtype="float32" if not on_gpu else "bfloat16", max_model_len=1024,
                gpu_memory_utilization=0.3 if not on_gpu else 0.5, enforce_eager=not on_gpu,
-               max_num_seqs=256, seed=0)
+               max_num_seqs=256, seed=0, **extra)
 
 
 def plot(rows: list[Row], path: Path) -> None:
@@ -135,9 +155,10 @@ def main() -> None:
             rows += run_config(llm, examples, None, "AR", 1, a.ar_model)
             bar.update()
             del llm
-        llm = engine(a.model)
+        llm = engine(a.model, diffusion=True)
         for (spec, pol), b in configs[bool(a.ar_model):]:
-            rows += run_config(llm, examples, {**pol, "block_length": b}, spec, b, a.model)
+            extra = {**resolve_tokens(pol, llm.get_tokenizer()), "block_length": b}
+            rows += run_config(llm, examples, extra, spec, b, a.model)
             bar.update()
     header = f"{'task':10} {'policy':18} {'B':>3} {'acc':>6} {'fwd/req':>8} {'TPF':>6} {'tok/s':>8}"
     print("\n" + header)

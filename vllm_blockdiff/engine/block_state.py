@@ -9,11 +9,21 @@ token counts, so the host never waits on the device for it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
+from vllm_blockdiff.engine.block_switch import (
+    NEVER,
+    block_length_at,
+    fine_block_length,
+    marker_of,
+    switch_position,
+)
 from vllm_blockdiff.grammar import CanvasConstraint
 from vllm_blockdiff.options import DecodeOptions
+from vllm_blockdiff.policies import POLICIES
 
 MAX_STOP_TOKENS = 16  # flagged for the policies (the first 16); vLLM itself checks every stop
 
@@ -31,8 +41,20 @@ class BlockStates:
         self.committed_confidence = torch.zeros(max_num_reqs, max_block_length,
                                                 dtype=torch.float32, device=device)
         self.step = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
+        # Drafting policies (FreeDave): the last forward's proposals for the open positions.
+        self.pred_token = torch.zeros(max_num_reqs, max_block_length, dtype=torch.int64,
+                                      device=device)
+        self.pred_confidence = torch.zeros(max_num_reqs, max_block_length, dtype=torch.float32,
+                                           device=device)
+        self.pred_valid = torch.zeros(max_num_reqs, max_block_length, dtype=torch.bool,
+                                      device=device)
         # Host copies: the block length is needed to plan every step, options by the sampler.
         self.block_length_np = np.ones(max_num_reqs, dtype=np.int64)
+        # Block-length switch at a marker (TCCF, `engine/block_switch.py`).
+        self.fine_block_length_np = np.ones(max_num_reqs, dtype=np.int64)
+        self.switch_at_np = np.full(max_num_reqs, NEVER, dtype=np.int64)
+        self.marker: list[int | None] = [None] * max_num_reqs
+        self.verifies_drafts_np = np.zeros(max_num_reqs, dtype=bool)
         self.options: list[DecodeOptions | None] = [None] * max_num_reqs
         # Each request's stop tokens (EOS, stop_token_ids), padded with -1, for the policies.
         self.stop_table = torch.full((max_num_reqs, MAX_STOP_TOKENS), -1, dtype=torch.int64,
@@ -41,13 +63,32 @@ class BlockStates:
         self.constraints: list[CanvasConstraint | None] = [None] * max_num_reqs
 
     def add_request(self, slot: int, options: DecodeOptions, stop_token_ids: list[int],
-                    constraint: CanvasConstraint | None = None) -> None:
+                    constraint: CanvasConstraint | None = None, prompt_len: int = 0,
+                    emitted: Sequence[int] = ()) -> None:
+        """`emitted`: the output so far of a resumed (preempted) request."""
         self.options[slot] = options
         ids = stop_token_ids[:MAX_STOP_TOKENS]
         self.stop_table[slot] = torch.tensor(ids + [-1] * (MAX_STOP_TOKENS - len(ids)))
         self.constraints[slot] = constraint
         self.block_length_np[slot] = options.block_length
+        self.fine_block_length_np[slot] = fine_block_length(options)
+        self.marker[slot] = marker_of(options)
+        self.switch_at_np[slot] = NEVER
+        self.observe(slot, prompt_len, emitted)
+        self.verifies_drafts_np[slot] = POLICIES[options.policy].verifies_drafts
         self.reset_blocks(torch.tensor([slot], device=self.canvas.device))
+
+    def observe(self, slot: int, first_position: int, tokens: Sequence[int]) -> None:
+        """Emitted tokens of a request still waiting for its marker (TCCF)."""
+        marker = self.marker[slot]
+        if marker is not None and self.switch_at_np[slot] == NEVER:
+            self.switch_at_np[slot] = switch_position(tokens, first_position, marker,
+                                                      int(self.block_length_np[slot]))
+
+    def block_lengths(self, slots: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
+        """Each request's block length for the block holding its next position."""
+        return block_length_at(num_tokens, self.block_length_np[slots],
+                               self.fine_block_length_np[slots], self.switch_at_np[slots])
 
     def reset_blocks(self, slots: torch.Tensor) -> None:
         """Start a fresh, fully masked block for these slots."""
@@ -55,3 +96,4 @@ class BlockStates:
         self.committed[slots] = False
         self.committed_confidence[slots] = 0.0
         self.step[slots] = 0
+        self.pred_valid[slots] = False

@@ -35,6 +35,8 @@ class ServeSettings(msgspec.Struct, forbid_unknown_fields=True):
 
     block_length: int | None = None
     max_block_length: int | None = None
+    # Tokens of drafts per request and forward (FreeDave runs several drafts of a block).
+    canvas_length: int | None = None
     policy: str | None = None
     mask_token_id: int | None = None
 
@@ -94,6 +96,10 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
         if block_length > max_block_length:
             raise ValueError(f"additional_config.blockdiff.block_length ({block_length}) exceeds "
                              f"max_block_length ({max_block_length})")
+        canvas_length = settings.canvas_length or max_block_length
+        if canvas_length < max_block_length:
+            raise ValueError(f"additional_config.blockdiff.canvas_length ({canvas_length}) is "
+                             f"less than max_block_length ({max_block_length})")
         mask_token_id = (settings.mask_token_id if settings.mask_token_id is not None
                          else resolve_mask_token_id(vllm_config))
 
@@ -104,12 +110,13 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             policy=settings.policy or "threshold",
             policy_defaults=policy_defaults,
             block_length_divides=_prefix_cache_page(vllm_config, block_length),
+            canvas_length=canvas_length,
         )
         resolve_options(None, serve)  # the defaults themselves must be a valid request
 
         hf_config.blockdiff = msgspec.to_builtins(serve)
-        hf_config.canvas_length = max_block_length  # vLLM's `is_diffusion` marker
-        vllm_config.diffusion_config = DiffusionConfig(canvas_length=max_block_length)
+        hf_config.canvas_length = canvas_length  # vLLM's `is_diffusion` marker
+        vllm_config.diffusion_config = DiffusionConfig(canvas_length=canvas_length)
 
         sched = vllm_config.scheduler_config
         if sched.scheduler_cls not in (None, SCHEDULER):

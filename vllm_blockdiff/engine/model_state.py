@@ -23,6 +23,7 @@ from vllm.v1.worker.utils import AttentionGroup
 
 from vllm_blockdiff.attention.backend import BlockDiffusionAttentionMetadataBuilder
 from vllm_blockdiff.engine.block_state import BlockStates
+from vllm_blockdiff.engine.layout import TokenLayout, token_layout
 from vllm_blockdiff.engine.sampler import BlockDiffusionSampler
 from vllm_blockdiff.engine.validation import grammar_of
 from vllm_blockdiff.grammar import CanvasConstraint, XGrammarBackend
@@ -41,6 +42,7 @@ class BlockDiffusionModelState(DefaultModelState):
                                   self.serve.mask_token_id, device)
         self._grammar: XGrammarBackend | None = None  # built on the first constrained request
         self._staging = Staging(device)
+        self._layout: TokenLayout | None = None  # set by prepare_attn for prepare_inputs
 
     def get_supported_generation_tasks(self):
         return ("generate",)
@@ -58,8 +60,10 @@ class BlockDiffusionModelState(DefaultModelState):
             constraint = CanvasConstraint.create(self._grammar_backend(), spec, eos)
             # A resumed (preempted) request carries its output so far in its prefill tokens.
             constraint.accept(new_req_data.prefill_token_ids[len(new_req_data.prompt_token_ids):])
+        prompt_len = len(new_req_data.prompt_token_ids or ())
         self.states.add_request(req_index, resolve_options(extra_args, self.serve), stop_ids,
-                                constraint)
+                                constraint, prompt_len,
+                                new_req_data.prefill_token_ids[prompt_len:])
 
     def _grammar_backend(self) -> XGrammarBackend:
         if self._grammar is None:
@@ -71,27 +75,29 @@ class BlockDiffusionModelState(DefaultModelState):
     def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
         runner_req_states = sampler.req_states
         return BlockDiffusionSampler(sampler, self.states, runner_req_states,
-                                     self.max_model_len), None
+                                     self.max_model_len, self.serve.canvas_length), None
 
     def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
-        """Take every non-draft query token from the request's token history.
+        """Take every known query token from the request's token history; place drafts.
 
         The runner writes prompt tokens and drafts itself; a finished block that is recomputed
-        (its emitted tokens) is neither, so it is filled here from `all_token_ids`.
+        (its emitted tokens) is neither, nor are the known tokens in the copies of the block
+        that extra drafts carry, so those are filled here from `all_token_ids`. Extra drafts
+        also take the block's rotary positions (`engine/layout.py`; slots are mapped already).
         """
-        r = input_batch.num_reqs
-        drafts = input_batch.num_draft_tokens_per_req
-        if drafts is not None:
-            query = input_batch.num_scheduled_tokens[:r]
-            per_token_req = np.repeat(np.arange(r), query)
-            local = np.arange(len(per_token_req)) - input_batch.query_start_loc_np[per_token_req]
-            history = local < (query - drafts[:r])[per_token_req]
-            t = len(per_token_req)
-            slot = input_batch.idx_mapping_np[per_token_req].astype(np.int64)
-            slot, mask = self._staging.to_device(np.stack([slot, history]))
-            known = req_states.all_token_ids.gpu[slot, input_batch.positions[:t].long()]
+        layout, self._layout = self._layout, None
+        if layout is not None and input_batch.num_draft_tokens_per_req is not None:
+            t = len(layout.request)
+            slot = input_batch.idx_mapping_np[layout.request]
+            at = layout.rope_positions
+            rows = [slot, layout.from_history] + ([at] if at is not None else [])
+            staged = self._staging.to_device(np.stack(rows))
+            positions = input_batch.positions[:t]
+            if at is not None:
+                positions.copy_(staged[2])
+            known = req_states.all_token_ids.gpu[staged[0], positions.long()]
             ids = input_batch.input_ids[:t]
-            torch.where(mask.bool(), known.to(ids.dtype), ids, out=ids)
+            torch.where(staged[1].bool(), known.to(ids.dtype), ids, out=ids)
         return super().prepare_inputs(input_batch, req_states)
 
     def prepare_attn(
@@ -105,12 +111,19 @@ class BlockDiffusionModelState(DefaultModelState):
         for_capture: bool = False,
     ) -> dict[str, Any]:
         r = input_batch.num_reqs
-        block_length = self.states.block_length_np[input_batch.idx_mapping_np[:r]]
-        per_token = np.repeat(block_length, input_batch.num_scheduled_tokens[:r]).astype(np.int32)
+        drafts = input_batch.num_draft_tokens_per_req
+        slots = input_batch.idx_mapping_np[:r]
+        states = self.states
+        layout = token_layout(input_batch.num_computed_tokens_np[:r],
+                              input_batch.num_scheduled_tokens[:r],
+                              np.zeros(r) if drafts is None else drafts[:r],
+                              states.block_length_np[slots], states.fine_block_length_np[slots],
+                              states.switch_at_np[slots])
+        self._layout = layout
         for groups in attn_groups:
             for group in groups:
                 builder = group.get_metadata_builder(0)
                 if isinstance(builder, BlockDiffusionAttentionMetadataBuilder):
-                    builder.set_token_block_lengths(per_token)
+                    builder.set_token_layout(layout)
         return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings,
                                     attn_groups, kv_cache_config, for_capture)

@@ -30,8 +30,9 @@ from vllm.v1.worker.gpu.sample.sampler import Sampler
 from vllm.v1.worker.gpu.states import RequestState
 
 from vllm_blockdiff.engine.block_state import BlockStates
+from vllm_blockdiff.engine.block_switch import NEVER
 from vllm_blockdiff.grammar import bitmask
-from vllm_blockdiff.policies import POLICIES, PolicyInput
+from vllm_blockdiff.policies import POLICIES, PolicyInput, freedave
 from vllm_blockdiff.transfer import Staging
 
 # The runner reads `penalties_state.output_bin_counts`; block diffusion keeps no token counts.
@@ -59,18 +60,25 @@ class StepPlan:
         computed = input_batch.num_computed_tokens_np[:r].astype(np.int64)
         drafts = input_batch.num_draft_tokens_per_req
         self.drafts = np.zeros(r, np.int64) if drafts is None else drafts[:r].astype(np.int64)
-        self.block_length = np.maximum(states.block_length_np[self.slots], 1)
         end = computed + query
         num_tokens = end - self.drafts
+        self.num_tokens = num_tokens
+        self.block_length = np.maximum(states.block_lengths(self.slots, num_tokens), 1)
         block_start = num_tokens // self.block_length * self.block_length
         self.offset = num_tokens - block_start
+        self.rest = self.block_length - self.offset  # the open part of the block: draft 0
         # KV stays computed only up to the current block's start: its own (and a just finished
         # block's) KV was produced from masked inputs and is recomputed next step.
         self.num_rejected = end - block_start
-        full_canvas = self.drafts == self.block_length - self.offset
+        # Further drafts (FreeDave) are whole copies of the block (`engine/layout.py`).
+        extra = self.drafts - self.rest
+        full_canvas = (self.drafts > 0) & (extra >= 0) & (extra % self.block_length == 0)
         # A canvas cut short by max_model_len is denoised as is (the request ends there); one cut
         # short by the token budget is not denoised at all, so batching never changes outputs.
         self.denoise = (self.drafts > 0) & (full_canvas | (end >= max_model_len))
+        # Drafts side by side (FreeDave); one for every other policy.
+        self.num_drafts = np.where(self.denoise, 1 + np.maximum(extra, 0) // self.block_length, 0)
+        self.verify = self.denoise & states.verifies_drafts_np[self.slots]
         self.fresh = self.drafts == 0  # prefill chunk: the block starts over
 
 
@@ -98,10 +106,15 @@ class _Device(NamedTuple):
     denoise: torch.Tensor
     fresh: torch.Tensor
     rejected: torch.Tensor
-    rows_req: torch.Tensor  # logit rows of denoising requests: their request ...
+    rows_req: torch.Tensor  # logit rows of denoising requests' first drafts: their request ...
     rows_col: torch.Tensor  # ... and block offset
     rows_logit: torch.Tensor  # ... and index into the logits
     logit_req: torch.Tensor  # the request of every logit row
+    drafts_req: torch.Tensor  # logit rows of requests that verify drafts: their request ...
+    drafts_k: torch.Tensor  # ... draft ...
+    drafts_col: torch.Tensor  # ... block offset ...
+    drafts_logit: torch.Tensor  # ... and index into the logits
+    num_drafts: torch.Tensor  # drafts each request ran
 
 
 class BlockDiffusionSampler:
@@ -111,6 +124,7 @@ class BlockDiffusionSampler:
         states: BlockStates,
         req_states: RequestState,
         max_model_len: int,
+        draft_capacity: int,
     ):
         self.base = base
         self.sampling_states = base.sampling_states
@@ -119,6 +133,7 @@ class BlockDiffusionSampler:
         self.req_states = req_states
         self.max_model_len = max_model_len
         self.canvas_length = states.max_block_length
+        self.draft_capacity = draft_capacity  # draft tokens a request may run per forward
         self._staging = Staging(states.canvas.device)
         self.grammar_stats = GrammarStats()
 
@@ -135,15 +150,20 @@ class BlockDiffusionSampler:
         rows_req = np.repeat(np.arange(len(plan.slots)), plan.drafts)
         starts = np.cumsum(plan.drafts) - plan.drafts
         rows_local = np.arange(len(rows_req)) - starts[rows_req]
-        keep = plan.denoise[rows_req]
-        rows = (rows_req[keep], rows_local[keep] + plan.offset[rows_req[keep]],
-                np.flatnonzero(keep))
+        rest, b = plan.rest[rows_req], plan.block_length[rows_req]
+        beyond = np.maximum(rows_local - rest, 0)  # into the extra drafts (whole blocks)
+        rows_k = np.where(rows_local < rest, 0, 1 + beyond // b)
+        rows_col = np.where(rows_local < rest, rows_local + plan.offset[rows_req], beyond % b)
+        keep = plan.denoise[rows_req] & (rows_k == 0)
+        drafts = plan.verify[rows_req]
         parts = [plan.slots, plan.offset, plan.block_length, plan.denoise, plan.fresh,
-                 plan.num_rejected, *rows, rows_req]
+                 plan.num_rejected, rows_req[keep], rows_col[keep], np.flatnonzero(keep),
+                 rows_req, rows_req[drafts], rows_k[drafts], rows_col[drafts],
+                 np.flatnonzero(drafts), plan.num_drafts]
         flat = np.concatenate([np.asarray(a, dtype=np.int64) for a in parts])
         views = torch.split(self._staging.to_device(flat), [len(a) for a in parts])
         return _Device(views[0], views[1], views[2], views[3].bool(), views[4].bool(),
-                       views[5].to(torch.int32), *views[6:10])
+                       views[5].to(torch.int32), *views[6:])
 
     def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
         plan = StepPlan(input_batch, self.states, self.max_model_len)
@@ -161,6 +181,7 @@ class BlockDiffusionSampler:
             committed = committed & ~d.fresh[:, None]
             history = history.masked_fill(d.fresh[:, None], 0.0)
             step = step.masked_fill(d.fresh, 0)
+            states.pred_valid[d.slots] = states.pred_valid[d.slots] & ~d.fresh[:, None]
 
         num_sampled = torch.zeros(input_batch.num_reqs, dtype=torch.int32, device=device)
         sampled = torch.zeros(input_batch.num_reqs, cl, dtype=torch.int64, device=device)
@@ -177,6 +198,9 @@ class BlockDiffusionSampler:
         # The next step's canvas (the scheduler sizes it; the runner reads the values from here).
         columns = (offset[:, None] + torch.arange(cl, device=device)).clamp_(max=cl - 1)
         self.req_states.draft_tokens[d.slots, :cl] = canvas.gather(1, columns)
+        if plan.verify.any():
+            self._write_drafts(plan, d, canvas, committed, offset)
+        self._observe_markers(plan, sampled, num_sampled)
 
         return SamplerOutput(
             sampled_token_ids=sampled,
@@ -317,7 +341,9 @@ class BlockDiffusionSampler:
             grid_ent[at] = entropy[d.rows_logit]
 
         masked = has_logit & ~committed
-        is_stop = (grid_tok[:, :, None] == states.stop_table[d.slots][:, None, :]).any(-1)
+        # Policies see the committed token where a position is committed, the proposal elsewhere.
+        seen_tok = torch.where(committed, canvas, grid_tok)
+        is_stop = (seen_tok[:, :, None] == states.stop_table[d.slots][:, None, :]).any(-1)
         commit = torch.zeros(shape, dtype=torch.bool, device=device)
         for name, rows in groups.items():
             policy = POLICIES[name]
@@ -325,7 +351,7 @@ class BlockDiffusionSampler:
             inp = PolicyInput(
                 confidence=grid_conf[r],
                 masked=masked[r],
-                tokens=grid_tok[r],
+                tokens=seen_tok[r],
                 step=step[r],
                 block_length=d.block_length[r],
                 committed_confidence_sum=(history[r] * committed[r]).sum(-1),
@@ -337,6 +363,8 @@ class BlockDiffusionSampler:
                 [states.options[plan.slots[i]].params for i in rows],
                 [int(plan.block_length[i]) for i in rows], device)
             commit[r] = policy.select(inp, params) & masked[r]
+        if plan.verify.any():
+            self._verify_drafts(plan, d, tokens, confidence, masked, commit, grid_tok, grid_conf)
         self._commit_grammar_runs(plan, commit, grid_tok, canvas, committed)
 
         canvas = torch.where(commit, grid_tok, canvas)
@@ -352,8 +380,96 @@ class BlockDiffusionSampler:
 
         # A finished block starts the next one fully masked (no host sync to find which).
         finished = d.denoise & (first_open >= block_length)
+        states.pred_valid[d.slots] = states.pred_valid[d.slots] & ~finished[:, None]
         canvas = canvas.masked_fill(finished[:, None], states.mask_token_id)
         committed = committed & ~finished[:, None]
         history = history.masked_fill(finished[:, None], 0.0)
         step = torch.where(finished, 0, torch.where(d.denoise, step + 1, step))
         return canvas, committed, history, step, torch.where(finished, 0, first_open)
+
+    def _verify_drafts(self, plan: StepPlan, d: _Device, tokens: torch.Tensor,
+                       confidence: torch.Tensor, masked: torch.Tensor, commit: torch.Tensor,
+                       grid_tok: torch.Tensor, grid_conf: torch.Tensor) -> None:
+        """FreeDave (`policies/freedave.py`): commit the static step of the last verified draft.
+
+        Each verifying request ran `num_drafts` drafts of its open positions; their proposals
+        are gathered on a [request, draft, block offset] grid. The accepted draft's fills and
+        its static step replace the policy's commit, and its proposals become the predictions
+        the next step's drafts are built from.
+        """
+        device = tokens.device
+        states = self.states
+        rows = torch.tensor(np.flatnonzero(plan.verify), device=device)
+        n = len(rows)
+        local = torch.zeros(len(plan.slots), dtype=torch.int64, device=device)
+        local[rows] = torch.arange(n, device=device)
+        shape = (n, int(plan.num_drafts[plan.verify].max()), self.canvas_length)
+        tok3 = torch.zeros(shape, dtype=torch.int64, device=device)
+        conf3 = torch.zeros(shape, dtype=torch.float32, device=device)
+        has3 = torch.zeros(shape, dtype=torch.bool, device=device)
+        at = (local[d.drafts_req], d.drafts_k, d.drafts_col)
+        tok3[at] = tokens[d.drafts_logit]
+        conf3[at] = confidence[d.drafts_logit]
+        has3[at] = True
+
+        slots = d.slots[rows]
+        open_ = masked[rows]
+        pred_tok = states.pred_token[slots]
+        pred_conf = states.pred_confidence[slots]
+        order, count = freedave.draft_order(pred_conf, states.pred_valid[slots] & open_)
+        fill = freedave.draft_fill(order, count, shape[1])
+        step_pos, has_step = freedave.static_step(conf3, has3 & open_[:, None] & ~fill)
+        step_tok = tok3.gather(2, step_pos[..., None]).squeeze(-1)
+        best = freedave.verify(step_pos, step_tok, order, pred_tok, count, d.num_drafts[rows])
+
+        pick = torch.arange(n, device=device), best
+        filled = fill[pick]
+        stepped = torch.nn.functional.one_hot(step_pos[pick], shape[2]).bool()
+        commit[rows] = (filled | (stepped & has_step[pick][:, None])) & open_
+        grid_tok[rows] = torch.where(filled, pred_tok, tok3[pick])
+        grid_conf[rows] = torch.where(filled, pred_conf, conf3[pick])
+        states.pred_token[slots] = tok3[pick]
+        states.pred_confidence[slots] = conf3[pick]
+        states.pred_valid[slots] = has3[pick]
+
+    def _write_drafts(self, plan: StepPlan, d: _Device, canvas: torch.Tensor,
+                      committed: torch.Tensor, offset: torch.Tensor) -> None:
+        """The next step's drafts of verifying requests: draft k is the canvas with the k most
+        confident predictions filled in. Draft 0 is the block's open rest, further drafts whole
+        blocks (`engine/layout.py`); the scheduler decides how many run."""
+        device = canvas.device
+        states = self.states
+        verify = np.flatnonzero(plan.verify)
+        rows = torch.tensor(verify, device=device)
+        slots = d.slots[rows]
+        k_max = max(states.options[plan.slots[i]].params.drafts for i in verify)
+        cols = torch.arange(self.canvas_length, device=device)
+        off, b = offset[rows], d.block_length[rows]
+        open_ = ~committed[rows] & (cols >= off[:, None]) & (cols < b[:, None])
+        order, count = freedave.draft_order(states.pred_confidence[slots],
+                                            states.pred_valid[slots] & open_)
+        fill = freedave.draft_fill(order, count, k_max)
+        drafts = torch.where(fill, states.pred_token[slots][:, None], canvas[rows][:, None])
+        rest = (b - off)[:, None]
+        c = torch.arange(self.draft_capacity, device=device)[None, :]
+        beyond = (c - rest).clamp(min=0)
+        k = torch.where(c < rest, 0, 1 + beyond // b[:, None]).clamp_(max=k_max - 1)
+        j = torch.where(c < rest, off[:, None] + c, beyond % b[:, None])
+        j = j.clamp_(max=self.canvas_length - 1)
+        picked = drafts[torch.arange(len(verify), device=device)[:, None], k, j]
+        self.req_states.draft_tokens[slots, : self.draft_capacity] = picked
+
+    def _observe_markers(self, plan: StepPlan, sampled: torch.Tensor,
+                         num_sampled: torch.Tensor) -> None:
+        """Show requests that wait for a marker (TCCF) what they emitted this step; the block
+        length switches at the end of the block holding the marker (`engine/block_switch.py`)."""
+        states = self.states
+        rows = [i for i in np.flatnonzero(plan.denoise)
+                if states.marker[plan.slots[i]] is not None
+                and states.switch_at_np[plan.slots[i]] == NEVER]
+        if not rows:
+            return
+        index = torch.tensor(rows, device=sampled.device)
+        tokens, counts = sampled[index].tolist(), num_sampled[index].tolist()
+        for i, row, count in zip(rows, tokens, counts, strict=True):
+            states.observe(plan.slots[i], int(plan.num_tokens[i]), row[:count])

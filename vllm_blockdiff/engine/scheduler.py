@@ -19,13 +19,45 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 from vllm.v1.request import Request
 
+from vllm_blockdiff.engine.block_switch import (
+    NEVER,
+    block_length_at,
+    fine_block_length,
+    marker_of,
+    switch_position,
+)
 from vllm_blockdiff.options import resolve_options, serve_config_of
 
 
 @dataclass
 class _Progress:
     block_length: int
+    drafts: int = 1  # drafts of the block per forward the policy asks for (FreeDave)
     forwards: int = 0
+    block_start: int = -1  # of the last scheduled step: a block's first step has one draft
+    # Block-length switch at a marker (TCCF, `engine/block_switch.py`).
+    marker: int | None = None
+    fine_block_length: int = 1
+    switch_at: int = NEVER
+    scanned: int = 0  # output tokens already searched for the marker
+
+    def block_length_at(self, position: int) -> int:
+        return int(block_length_at(position, self.block_length, self.fine_block_length,
+                                   self.switch_at))
+
+    def blocks(self, prompt_len: int, end: int) -> int:
+        """Blocks the output spans (fine blocks after a switch)."""
+        b, switch = self.block_length, min(self.switch_at, end)
+        coarse = max(-(-switch // b) - prompt_len // b, 0)
+        return coarse + -(-(end - switch) // self.fine_block_length)
+
+    def observe(self, request: Request) -> None:
+        if self.marker is None or self.switch_at != NEVER:
+            return
+        new = request.output_token_ids[self.scanned:]
+        self.switch_at = switch_position(new, request.num_prompt_tokens + self.scanned,
+                                         self.marker, self.block_length)
+        self.scanned += len(new)
 
 
 class BlockDiffusionScheduler(Scheduler):
@@ -37,9 +69,14 @@ class BlockDiffusionScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         if request.request_id not in self._progress:
             options = resolve_options(request.sampling_params.extra_args, self.serve)
-            self._progress[request.request_id] = _Progress(options.block_length)
-            # Block-causal KV depends on the block length: keep it out of other lengths' caches.
+            drafts = getattr(options.params, "drafts", 1)
+            marker, fine = marker_of(options), fine_block_length(options)
+            self._progress[request.request_id] = _Progress(options.block_length, drafts,
+                                                           marker=marker, fine_block_length=fine)
+            # Block-causal KV depends on the block length(s): keep it out of other caches.
             salt = f"blockdiff:B={options.block_length}"
+            if marker is not None:
+                salt += f",then {fine} after {marker}"
             request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
             request.block_hashes = []
             request.update_block_hashes()
@@ -48,10 +85,26 @@ class BlockDiffusionScheduler(Scheduler):
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         mask = self.serve.mask_token_id
         for request in self.running:
-            b = self._progress[request.request_id].block_length
-            n = request.num_tokens
-            request.spec_token_ids = [mask] * (n // b * b + b - n)
+            request.spec_token_ids = [mask] * self._canvas_size(request)
         return super().schedule(*args, **kwargs)
+
+    def _canvas_size(self, request: Request) -> int:
+        """The masked rest of the block, plus a whole copy of the block per extra draft.
+
+        Drafts (FreeDave) need the previous step's predictions, so a block's first step runs
+        one; they are limited by the canvas length and must fit below max_model_len whole.
+        """
+        progress = self._progress[request.request_id]
+        n = request.num_tokens
+        b = progress.block_length_at(n)
+        start = n // b * b
+        rest = start + b - n
+        extra = 0
+        if progress.drafts > 1 and start == progress.block_start:
+            room = min(self.serve.canvas_length - rest, self.max_model_len - 1 - n - rest)
+            extra = max(0, min(progress.drafts - 1, room // b))
+        progress.block_start = start
+        return rest + extra * b
 
     def update_draft_token_ids(self, draft_token_ids: DraftTokenIds) -> None:
         """Canvas sizes come from `schedule`; the runner keeps the canvas values itself."""
@@ -67,13 +120,15 @@ class BlockDiffusionScheduler(Scheduler):
             progress = self._progress[req_id]
             progress.forwards += 1
             drafts = len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()))
-            b = progress.block_length
-            computed[req_id] = (request.num_computed_tokens - drafts) // b * b
+            num_tokens = request.num_computed_tokens - drafts
+            b = progress.block_length_at(num_tokens)
+            computed[req_id] = num_tokens // b * b
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, num_computed in computed.items():
             request = self.requests.get(req_id)
             if request is not None and not request.is_finished():
                 request.num_computed_tokens = num_computed
+                self._progress[req_id].observe(request)
         return outputs
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
@@ -82,8 +137,7 @@ class BlockDiffusionScheduler(Scheduler):
         if progress is not None:
             tokens = request.num_output_tokens
             b = progress.block_length
-            end = request.num_prompt_tokens + tokens
-            blocks = -(-end // b) - request.num_prompt_tokens // b
+            blocks = progress.blocks(request.num_prompt_tokens, request.num_prompt_tokens + tokens)
             stats = {
                 "forwards": progress.forwards,
                 "output_tokens": tokens,

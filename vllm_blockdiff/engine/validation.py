@@ -9,6 +9,7 @@ import msgspec
 
 from vllm_blockdiff.grammar import GrammarSpec, XGrammarBackend, spec_from_structured_outputs
 from vllm_blockdiff.options import GRAMMAR_KEY, OptionsError, resolve_options, serve_config_of
+from vllm_blockdiff.policies import POLICIES
 
 
 def validate_request(params: Any, hf_config: Any) -> None:
@@ -29,7 +30,13 @@ def validate_request(params: Any, hf_config: Any) -> None:
     for field, used in unsupported.items():
         if used:
             raise OptionsError(f"{field}: not supported by block-diffusion models")
-    resolve_options(params.extra_args, serve_config_of(hf_config))
+    options = resolve_options(params.extra_args, serve_config_of(hf_config))
+    if POLICIES[options.policy].verifies_drafts:
+        # Drafts are verified against greedy decoding, token for token.
+        if params.temperature != 0.0:
+            raise OptionsError(f"temperature: policy {options.policy!r} is greedy; set it to 0")
+        if params.structured_outputs is not None or GRAMMAR_KEY in (params.extra_args or {}):
+            raise OptionsError(f"structured_outputs: not supported with policy {options.policy!r}")
 
 
 @functools.cache

@@ -7,8 +7,10 @@ from vllm_blockdiff.policies import (
     eoser,
     ete,
     factor,
+    freedave,
     localleap,
     static,
+    tccf,
     threshold,
 )
 from vllm_blockdiff.policies.base import Policy, PolicyInput
@@ -25,6 +27,8 @@ POLICIES: dict[str, Policy] = {
         factor.POLICY,
         ete.POLICY,
         eoser.POLICY,
+        freedave.POLICY,
+        tccf.POLICY,
     )
 }
 

@@ -20,7 +20,7 @@ class PolicyInput(NamedTuple):
 
     confidence: torch.Tensor  # [R, L] float32: probability of the proposed token
     masked: torch.Tensor  # [R, L] bool: position is still masked (False for padding)
-    tokens: torch.Tensor  # [R, L] int64: proposed token at each position
+    tokens: torch.Tensor  # [R, L] int64: committed token where committed, else the proposal
     step: torch.Tensor  # [R] int64: forwards already spent denoising this block (0 on the first)
     block_length: torch.Tensor  # [R] int64: block length B of each request
     # Block history: confidences (at commit time) of the positions committed so far in the block.
@@ -39,13 +39,16 @@ class Policy:
 
     `select(inp, params)` returns a [R, L] bool mask of positions to commit. It must commit at least
     one masked position per row that has any, so every forward makes progress. `params` maps each
-    field of `params_cls` to a [R] tensor (float32 or int64).
+    field of `params_cls` to a [R] tensor (float32, or int64 for ints and `intern`ed strings).
     """
 
     name: str
     params_cls: type[msgspec.Struct]
     select: SelectFn
     needs_entropy: bool = False
+    # The engine runs several drafts per forward and verifies them (FreeDave): greedy only,
+    # without structured outputs; `select` is the rule each draft is verified against.
+    verifies_drafts: bool = False
     doc: str = ""
 
     def batch_params(self, rows: list[msgspec.Struct], block_lengths: list[int],
@@ -55,9 +58,19 @@ class Policy:
             values: list[Any] = [getattr(p, field) for p in rows]
             # A field left as None defaults to the request's block length (e.g. steps = B).
             values = [b if v is None else v for v, b in zip(values, block_lengths, strict=True)]
+            if isinstance(values[0], str):  # e.g. a file path: rows carry its handle
+                values = [intern(v) for v in values]
             dtype = torch.float32 if isinstance(values[0], float) else torch.int64
             out[field] = torch.tensor(values, dtype=dtype, device=device)
         return out
+
+
+_INTERNED: dict[str, int] = {}
+
+
+def intern(value: str) -> int:
+    """A process-wide integer handle for a string parameter: per-row tensors hold only numbers."""
+    return _INTERNED.setdefault(value, len(_INTERNED))
 
 
 def masked_confidence(inp: PolicyInput) -> torch.Tensor:

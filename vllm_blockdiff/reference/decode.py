@@ -7,15 +7,25 @@ forward counts) must match token for token:
     (the current block = fixed head + canvas, masked positions holding the mask token), keeps KV
     up to the current block's start, proposes tokens at the canvas positions and lets the policy
     commit some; committed positions contiguous with the emitted text are emitted;
-  - a request stops at EOS / a stop token (kept in the output, as vLLM does) or max_tokens.
+  - a request stops at EOS / a stop token (kept in the output, as vLLM does) or max_tokens;
+  - a policy with a `marker` (TCCF) switches to its fine block length after the block holding
+    the first marker it emits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from vllm_blockdiff.engine.block_switch import (
+    NEVER,
+    block_length_at,
+    fine_block_length,
+    marker_of,
+    switch_position,
+)
 from vllm_blockdiff.options import DecodeOptions
 from vllm_blockdiff.policies import POLICIES, PolicyInput
 from vllm_blockdiff.reference.modeling import CausalLM, KVPrefix, block_causal_mask
@@ -54,12 +64,14 @@ def _propose(logits: torch.Tensor, mask_token_id: int, temperature: float,
 
 
 @torch.inference_mode()
-def _forward(model: CausalLM, req: _Request, query: list[int], block_length: int,
+def _forward(model: CausalLM, req: _Request, query: list[int], block_length: Callable,
              keep_until: int) -> torch.Tensor:
-    """Run `query` at positions [computed, ...) over the cached prefix; cache KV < keep_until."""
+    """Run `query` at positions [computed, ...) over the cached prefix; cache KV < keep_until.
+
+    `block_length(positions)` gives the block length at each position."""
     start = req.computed
     positions = torch.arange(start, start + len(query))
-    mask = block_causal_mask(positions, start + len(query), block_length)
+    mask = block_causal_mask(positions, start + len(query), block_length(positions))
     logits, new_kv = model(torch.tensor([query]), positions[None], mask[None], req.cache)
     keep = keep_until - start
     kept = [(k[:, :, :keep], v[:, :, :keep]) for k, v in new_kv]
@@ -81,13 +93,20 @@ def generate(
     stop_token_ids: set[int],
     temperature: float = 0.0,
     seed: int | None = None,
+    on_step: Callable[[PolicyInput, torch.Tensor], None] | None = None,
 ) -> Generation:
-    b = options.block_length
+    """Decode one request; `on_step(inp, commit)` sees every policy call (trainers log it)."""
+    coarse = b = options.block_length
+    fine, marker, switch_at = fine_block_length(options), marker_of(options), NEVER
     policy = POLICIES[options.policy]
     params = policy.batch_params([options.params], [b], torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     req = _Request(prompt=list(prompt), tokens=list(prompt))
-    _forward(model, req, req.tokens, b, len(prompt) // b * b)
+
+    def lengths(positions: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(block_length_at(positions.numpy(), coarse, fine, switch_at))
+
+    _forward(model, req, req.tokens, lengths, len(prompt) // b * b)
     forwards, steps_per_block = 1, []
     canvas = [mask_token_id] * b
     committed = [False] * b
@@ -98,12 +117,13 @@ def generate(
         start = n // b * b
         offset = n - start
         query = req.tokens[req.computed:] + canvas[offset:]
-        logits = _forward(model, req, query, b, start)[-(b - offset):]
+        logits = _forward(model, req, query, lengths, start)[-(b - offset):]
         forwards += 1
         tokens, confidence, entropy = _propose(logits, mask_token_id, temperature, generator)
         pad = torch.zeros(offset)
         masked = torch.tensor([False] * offset + [not c for c in committed[offset:]])
         proposed = torch.cat([pad.long(), tokens])
+        proposed = torch.where(torch.tensor(committed), torch.tensor(canvas), proposed)
         inp = PolicyInput(
             confidence=torch.cat([pad, confidence])[None],
             masked=masked[None],
@@ -115,7 +135,10 @@ def generate(
             is_stop=torch.tensor([[t in stop_token_ids for t in proposed.tolist()]]),
             entropy=torch.cat([pad, entropy])[None] if policy.needs_entropy else None,
         )
-        commit = (policy.select(inp, params) & masked[None])[0].tolist()
+        commit_mask = policy.select(inp, params) & masked[None]
+        if on_step is not None:
+            on_step(inp, commit_mask)
+        commit = commit_mask[0].tolist()
         for j in range(offset, b):
             if commit[j]:
                 canvas[j] = int(tokens[j - offset])
@@ -126,6 +149,8 @@ def generate(
             if not committed[j]:
                 break
             req.tokens.append(canvas[j])
+            if marker is not None and switch_at == NEVER:
+                switch_at = switch_position([canvas[j]], start + j, marker, coarse)
             emitted = req.tokens[len(prompt):]
             if canvas[j] in stop_token_ids:
                 return Generation(emitted, forwards, "stop", steps_per_block)
@@ -133,4 +158,5 @@ def generate(
                 return Generation(emitted, forwards, "length", steps_per_block)
         if all(committed[offset:]):
             steps_per_block.append(step)
+            b = int(block_length_at(len(req.tokens), coarse, fine, switch_at))
             canvas, committed, history, step = [mask_token_id] * b, [False] * b, [], 0
