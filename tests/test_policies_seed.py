@@ -16,7 +16,7 @@ from vllm_blockdiff.policies import POLICIES, PolicyInput
 from vllm_blockdiff.policies.eoser import log2_steps
 from vllm_blockdiff.policies.localleap import anchor_distance
 
-SEED_POLICIES = ("bacd", "localleap", "entropy", "factor", "ete", "eoser")
+SEED_POLICIES = ("bacd", "localleap", "entropy", "factor", "ete", "eoser", "adablock")
 T, F = True, False
 
 

@@ -1,6 +1,7 @@
 """Unmasking policies, selectable per request by name (`vllm_xargs={"policy": ...}`)."""
 
 from vllm_blockdiff.policies import (
+    adablock,
     bacd,
     dynamic,
     entropy,
@@ -29,6 +30,7 @@ POLICIES: dict[str, Policy] = {
         eoser.POLICY,
         freedave.POLICY,
         tccf.POLICY,
+        adablock.POLICY,
     )
 }
 
