@@ -10,6 +10,7 @@ token counts, so the host never waits on the device for it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -59,11 +60,12 @@ class BlockStates:
         # Each request's stop tokens (EOS, stop_token_ids), padded with -1, for the policies.
         self.stop_table = torch.full((max_num_reqs, MAX_STOP_TOKENS), -1, dtype=torch.int64,
                                      device=device)
-        # Grammar state of constrained requests (host objects; see vllm_blockdiff/grammar).
-        self.constraints: list[CanvasConstraint | None] = [None] * max_num_reqs
+        # Grammar state of constrained requests (host objects; see vllm_blockdiff/grammar), or
+        # the compilation still running for it.
+        self.constraints: list[CanvasConstraint | Future | None] = [None] * max_num_reqs
 
     def add_request(self, slot: int, options: DecodeOptions, stop_token_ids: list[int],
-                    constraint: CanvasConstraint | None = None, prompt_len: int = 0,
+                    constraint: CanvasConstraint | Future | None = None, prompt_len: int = 0,
                     emitted: Sequence[int] = ()) -> None:
         """`emitted`: the output so far of a resumed (preempted) request."""
         self.options[slot] = options
@@ -77,6 +79,19 @@ class BlockStates:
         self.observe(slot, prompt_len, emitted)
         self.verifies_drafts_np[slot] = POLICIES[options.policy].verifies_drafts
         self.reset_blocks(torch.tensor([slot], device=self.canvas.device))
+
+    def grammar_ready(self, slot: int) -> bool:
+        """False while the request's grammar compiles: it waits (is not denoised) meanwhile.
+
+        The API server compiled the spec once already, so an error here is an engine bug and
+        is raised.
+        """
+        constraint = self.constraints[slot]
+        if isinstance(constraint, Future):
+            if not constraint.done():
+                return False
+            self.constraints[slot] = constraint.result()
+        return True
 
     def observe(self, slot: int, first_position: int, tokens: Sequence[int]) -> None:
         """Emitted tokens of a request still waiting for its marker (TCCF)."""

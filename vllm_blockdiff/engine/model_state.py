@@ -8,6 +8,7 @@ token's block length so one batch can mix prefills, denoise steps and block leng
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from vllm_blockdiff.engine.block_state import BlockStates
 from vllm_blockdiff.engine.layout import TokenLayout, token_layout
 from vllm_blockdiff.engine.sampler import BlockDiffusionSampler
 from vllm_blockdiff.engine.validation import grammar_of
-from vllm_blockdiff.grammar import CanvasConstraint, XGrammarBackend
+from vllm_blockdiff.grammar import CanvasConstraint, GrammarSpec, XGrammarBackend
 from vllm_blockdiff.options import resolve_options, serve_config_of
 from vllm_blockdiff.transfer import Staging
 
@@ -41,6 +42,8 @@ class BlockDiffusionModelState(DefaultModelState):
         self.states = BlockStates(self.max_num_reqs, self.serve.max_block_length,
                                   self.serve.mask_token_id, device)
         self._grammar: XGrammarBackend | None = None  # built on the first constrained request
+        # One thread compiles grammars in arrival order (xgrammar releases the GIL).
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockdiff-grammar")
         self._staging = Staging(device)
         self._layout: TokenLayout | None = None  # set by prepare_attn for prepare_inputs
 
@@ -52,18 +55,24 @@ class BlockDiffusionModelState(DefaultModelState):
         params = new_req_data.sampling_params
         extra_args = params.extra_args if params is not None else None
         stop_ids = sorted(params.all_stop_token_ids) if params is not None else []
+        prompt_len = len(new_req_data.prompt_token_ids or ())
+        # A resumed (preempted) request carries its output so far in its prefill tokens.
+        emitted = new_req_data.prefill_token_ids[prompt_len:]
         constraint = None
         if (spec := grammar_of(extra_args)) is not None:
             # The grammar may end the output with the model's EOS ids, not with user stop ids
             # (those are ordinary text tokens).
             eos = sorted(params.all_stop_token_ids - set(params.stop_token_ids or ()))
-            constraint = CanvasConstraint.create(self._grammar_backend(), spec, eos)
-            # A resumed (preempted) request carries its output so far in its prefill tokens.
-            constraint.accept(new_req_data.prefill_token_ids[len(new_req_data.prompt_token_ids):])
-        prompt_len = len(new_req_data.prompt_token_ids or ())
+            # Compiling takes milliseconds to seconds: off the step, while the prompt runs.
+            constraint = self._compiler.submit(self._constraint, spec, eos, emitted)
         self.states.add_request(req_index, resolve_options(extra_args, self.serve), stop_ids,
-                                constraint, prompt_len,
-                                new_req_data.prefill_token_ids[prompt_len:])
+                                constraint, prompt_len, emitted)
+
+    def _constraint(self, spec: GrammarSpec, eos: list[int], emitted: list[int]
+                    ) -> CanvasConstraint:
+        constraint = CanvasConstraint.create(self._grammar_backend(), spec, eos)
+        constraint.accept(emitted)
+        return constraint
 
     def _grammar_backend(self) -> XGrammarBackend:
         if self._grammar is None:

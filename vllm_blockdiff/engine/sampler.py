@@ -76,6 +76,8 @@ class StepPlan:
         # A canvas cut short by max_model_len is denoised as is (the request ends there); one cut
         # short by the token budget is not denoised at all, so batching never changes outputs.
         self.denoise = (self.drafts > 0) & (full_canvas | (end >= max_model_len))
+        # A request whose grammar still compiles waits: the step is redone once it is ready.
+        self.denoise &= [states.grammar_ready(int(s)) for s in self.slots]
         # Drafts side by side (FreeDave); one for every other policy.
         self.num_drafts = np.where(self.denoise, 1 + np.maximum(extra, 0) // self.block_length, 0)
         self.verify = self.denoise & states.verifies_drafts_np[self.slots]
