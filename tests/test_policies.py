@@ -1,5 +1,7 @@
 """Each policy's rule, checked exactly on synthetic confidences (no model, no vLLM)."""
 
+from pathlib import Path
+
 import torch
 
 from vllm_blockdiff.policies import POLICIES, PolicyInput
@@ -24,7 +26,9 @@ def _input(conf, masked=None, step=0, block_length=None):
 
 
 # Parameters a policy requires (no default), for the tests that run every policy.
-REQUIRED_PARAMS = {"tccf": {"marker": 0}}
+LEARN2PD_DIR = Path(__file__).parent.parent / "examples/models/sdar-testbed/learn2pd"
+REQUIRED_PARAMS = {"tccf": {"marker": 0},
+                   "learn2pd": {"filter": str(LEARN2PD_DIR / "filters.safetensors")}}
 
 
 def _select(name, inp, **params):

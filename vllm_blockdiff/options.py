@@ -103,6 +103,9 @@ def resolve_options(extra_args: dict[str, Any] | None, serve: ServeConfig) -> De
     policy = POLICIES[policy_name]
     fields = set(policy.params_cls.__struct_fields__)
     unknown = sorted(set(args) - fields)
+    for field in sorted(set(args) & set(policy.server_params)):
+        raise _field_error(field, "set by the server (--additional-config "
+                           f"'{{\"blockdiff\": {{\"{field}\": ...}}}}'), not per request")
     if unknown:
         raise _field_error(
             unknown[0],

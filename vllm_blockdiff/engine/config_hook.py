@@ -9,6 +9,7 @@ and the workers read it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,7 +20,7 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vllm_blockdiff.models import BY_ARCHITECTURE
 from vllm_blockdiff.options import ServeConfig, resolve_options
-from vllm_blockdiff.policies import POLICIES
+from vllm_blockdiff.policies import POLICIES, learn2pd
 
 logger = init_logger(__name__)
 
@@ -88,6 +89,9 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
         additional = vllm_config.additional_config
         raw = additional.get("blockdiff", {}) if isinstance(additional, dict) else {}
         settings, policy_defaults = _split_settings(raw)
+        bundled_filter = Path(model_config.model) / learn2pd.DEFAULT_PATH  # Learn2PD's default
+        if "filter" not in policy_defaults and bundled_filter.is_file():
+            policy_defaults["filter"] = str(bundled_filter.resolve())
 
         checkpoint_block = next((getattr(hf_config, k) for k in family.block_length_keys
                                  if getattr(hf_config, k, None)), None)

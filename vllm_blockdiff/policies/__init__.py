@@ -9,6 +9,7 @@ from vllm_blockdiff.policies import (
     ete,
     factor,
     freedave,
+    learn2pd,
     localleap,
     static,
     tccf,
@@ -31,6 +32,7 @@ POLICIES: dict[str, Policy] = {
         freedave.POLICY,
         tccf.POLICY,
         adablock.POLICY,
+        learn2pd.POLICY,
     )
 }
 

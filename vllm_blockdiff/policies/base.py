@@ -49,6 +49,8 @@ class Policy:
     # The engine runs several drafts per forward and verifies them (FreeDave): greedy only,
     # without structured outputs; `select` is the rule each draft is verified against.
     verifies_drafts: bool = False
+    # Parameters only the server sets (serve defaults): e.g. a file path the server would read.
+    server_params: tuple[str, ...] = ()
     doc: str = ""
 
     def batch_params(self, rows: list[msgspec.Struct], block_lengths: list[int],
