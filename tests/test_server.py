@@ -18,6 +18,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from vllm_blockdiff.policies import POLICIES
+
 pytestmark = pytest.mark.server
 
 CPU_FLAGS = ["--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--dtype", "float32"]
@@ -97,6 +99,11 @@ def test_chat_completion_streamed_and_not(server):
         ({"threshold": "high"}, "threshold"),
         ({"block_length": 999}, "block_length"),
         ({"policy": "static", "threshold": 0.5}, "threshold"),
+        ({"policy": "tccf"}, "marker"),
+        ({"policy": "tccf", "marker": 5, "fine_block_length": 3}, "fine_block_length"),
+        ({"policy": "freedave", "drafts": 0}, "drafts"),
+        ({"policy": "adablock", "delimiter": -1}, "delimiter"),
+        ({"policy": "learn2pd", "filter": "/etc/hostname"}, "filter"),
     ],
 )
 def test_bad_options_get_400_while_others_are_served(server, xargs, field):
@@ -165,3 +172,23 @@ def test_uncompilable_schema_is_a_400_with_the_compilers_message(server):
             response_format={"type": "json_schema",
                              "json_schema": {"name": "bad", "schema": {"type": "foo"}}})
     assert err.value.status_code == 400 and 'Unsupported type "foo"' in str(err.value)
+
+
+def test_every_policy_is_selectable_through_the_api(server):
+    """Each policy answers a completion; FreeDave is greedy-only, Learn2PD needs a server-set
+    filter (this random-weight model has none): both refusals name the field."""
+    _, client = server
+    model = client.models.list().data[0].id
+    required = {"tccf": {"marker": 5}, "adablock": {"delimiter": 5}}
+    for name in POLICIES:
+        xargs = {"policy": name, **required.get(name, {})}
+        kwargs = dict(model=model, prompt="x = 1\n", max_tokens=12, temperature=0,
+                      extra_body={"vllm_xargs": xargs, "ignore_eos": True})
+        if name == "learn2pd":
+            with pytest.raises(openai.BadRequestError, match=r"vllm_xargs\.filter"):
+                client.completions.create(**kwargs)
+            continue
+        assert len(client.completions.create(**kwargs).choices[0].text) > 0, name
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=model, prompt="x", max_tokens=4, temperature=0.8,
+                                  extra_body={"vllm_xargs": {"policy": "freedave"}})
