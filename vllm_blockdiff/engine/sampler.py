@@ -14,8 +14,10 @@ scheduled as draft tokens). Per step and request the sampler
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -37,6 +39,7 @@ from vllm_blockdiff.transfer import Staging
 
 # The runner reads `penalties_state.output_bin_counts`; block diffusion keeps no token counts.
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
+_PARALLEL_MASK_ROWS = 64  # below this many constrained requests, threads cost more than they save
 
 
 def _gumbel_sample_host(logits: torch.Tensor, seeds: np.ndarray, offsets: np.ndarray
@@ -48,6 +51,19 @@ def _gumbel_sample_host(logits: torch.Tensor, seeds: np.ndarray, offsets: np.nda
         u = torch.rand(logits.shape[-1], generator=gen).clamp_(min=1e-20)
         noise[row] = -torch.log(-torch.log1p(-u))
     return (logits + noise).argmax(-1)
+
+
+def fill_masks(constraints: list, masks: torch.Tensor,
+               pool: ThreadPoolExecutor | None = None) -> None:
+    """Row j of `masks` = the tokens constraint j allows next; on `pool`'s threads if given."""
+    def fill(j: int) -> None:
+        constraints[j].fill_bitmask(masks, j)
+
+    if pool is None:
+        for j in range(len(constraints)):
+            fill(j)
+    else:
+        list(pool.map(fill, range(len(constraints))))
 
 
 class StepPlan:
@@ -138,6 +154,10 @@ class BlockDiffusionSampler:
         self.draft_capacity = draft_capacity  # draft tokens a request may run per forward
         self._staging = Staging(states.canvas.device)
         self.grammar_stats = GrammarStats()
+        # Large batches fill grammar masks on threads (the matchers release the GIL), as vLLM's
+        # structured-output manager does.
+        self._mask_pool = ThreadPoolExecutor(max_workers=min(8, max(1, (os.cpu_count() or 2) // 2)),
+                                             thread_name_prefix="blockdiff-mask")
 
     def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
         self.base.sampling_states.add_request(req_idx, sampling_params)
@@ -269,8 +289,8 @@ class BlockDiffusionSampler:
             return
         started = time.perf_counter()
         masks = bitmask.allocate(len(rows), logits.shape[-1])
-        for j, i in enumerate(rows):
-            self.states.constraints[plan.slots[i]].fill_bitmask(masks, j)
+        fill_masks([self.states.constraints[plan.slots[i]] for i in rows], masks,
+                   self._mask_pool if len(rows) >= _PARALLEL_MASK_ROWS else None)
         first = torch.from_numpy(input_batch.cu_num_logits_np[rows].astype(np.int64))
         first = first.to(logits.device)
         selected = logits[first]

@@ -1,0 +1,31 @@
+"""Grammar masks filled on threads (large batches) equal the ones filled one by one."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from vllm_blockdiff.engine.sampler import fill_masks
+from vllm_blockdiff.grammar import CanvasConstraint, GrammarSpec, XGrammarBackend, bitmask
+
+TESTBED = Path(__file__).parent.parent / "examples" / "models" / "sdar-testbed"
+
+
+def test_threaded_masks_equal_serial_masks():
+    backend = XGrammarBackend(str(TESTBED))
+    schema = {"type": "object", "required": ["name", "n"],
+              "properties": {"name": {"type": "string"}, "n": {"type": "integer"}}}
+    text = ' {"name": "Gus", "n": 12}'
+    constraints = []
+    for k in range(80):  # each at a different point of the same output
+        c = CanvasConstraint.create(backend, GrammarSpec(kind="json", source=json.dumps(schema)))
+        c.accept(backend.encode(text)[: k % 12])
+        constraints.append(c)
+    serial = bitmask.allocate(len(constraints), backend.vocab_size)
+    threaded = bitmask.allocate(len(constraints), backend.vocab_size)
+    fill_masks(constraints, serial)
+    with ThreadPoolExecutor(4) as pool:
+        fill_masks(constraints, threaded, pool)
+    assert torch.equal(serial, threaded)
+    assert len({tuple(row.tolist()) for row in serial}) > 3  # the rows really differ
