@@ -3,12 +3,15 @@
     python benchmarks/structured.py --model examples/models/sdar-testbed --per-split 20
     python benchmarks/structured.py --model ... --full          # every compiled schema
     python benchmarks/structured.py --model ... --full --splits Github_easy --speed-skip
+    python benchmarks/structured.py --model ... --backend llguidance --speed-skip
 
-1. Declared coverage per JSONSchemaBench split (compiled / total, xgrammar).
+1. Declared coverage per JSONSchemaBench split (compiled / total) of the grammar backend
+   (`--backend`, xgrammar by default; the engine serves with the same one).
 2. Validity: JSON-schema requests for compiled schemas (a sample per split, or all with --full),
    greedy and at temperature 1: every output must be in its grammar's language (a prefix of it
-   if cut by max_tokens; tokens replayed through a fresh matcher), and finished outputs must be
-   schema-valid where xgrammar compiles the schema exactly (no approximation warnings).
+   if cut by max_tokens; tokens replayed through a fresh matcher of the same backend), and
+   finished outputs must be schema-valid where the backend compiles the schema exactly (no
+   approximation warnings; llguidance approximates nothing).
 3. Speed: the testbed's JSON-record prompts at batch 8, unconstrained and constrained by each
    example's schema: tokens per forward, wall time per output token, grammar host time per step
    (p50 / p99) and tokens the grammar filled in without a forward of their own.
@@ -26,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_blockdiff.grammar import BACKENDS, make_backend
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"
 
 
-def engine(model: str):
+def engine(model: str, grammar_backend: str):
     from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -39,7 +44,8 @@ def engine(model: str):
     on_gpu = os.path.exists("/dev/nvidia0")
     return LLM(model, dtype="bfloat16" if on_gpu else "float32", max_model_len=1024,
                gpu_memory_utilization=0.5 if on_gpu else 0.3, enforce_eager=not on_gpu,
-               max_num_seqs=256 if on_gpu else 64, seed=0)
+               max_num_seqs=256 if on_gpu else 64, seed=0,
+               additional_config={"blockdiff": {"grammar_backend": grammar_backend}})
 
 
 def grammar_stats(llm) -> dict:
@@ -86,8 +92,8 @@ def in_language(backend, schema, token_ids: list[int], finished: bool) -> bool:
 def validity(llm, backend, sample: dict[str, list[str]], exact: set[str],
              max_tokens: int) -> list[dict]:
     """Per split and temperature: every output must be in its grammar's language; finished
-    outputs of schemas xgrammar compiles exactly must be schema-valid. Schemas it approximates
-    (its warnings, `grammar/coverage.py`) are counted apart: their grammar may admit more."""
+    outputs of schemas the backend compiles exactly must be schema-valid. Schemas it approximates
+    (xgrammar's warnings, `grammar/coverage.py`) are counted apart: their grammar may admit more."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -171,6 +177,8 @@ def speed(llm, batch: int, rounds: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="examples/models/sdar-testbed")
+    p.add_argument("--backend", choices=BACKENDS, default="xgrammar",
+                   help="grammar backend: coverage, replay and the engine's")
     p.add_argument("--schemas", default=str(SHARED), help="JSONSchemaBench root")
     p.add_argument("--per-split", type=int, default=20)
     p.add_argument("--full", action="store_true", help="every compiled schema")
@@ -181,13 +189,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed-only", action="store_true", help="skip coverage and validity")
-    p.add_argument("--out", default="benchmarks/results/structured")
+    p.add_argument("--out", default=None,
+                   help="default benchmarks/results/structured[_BACKEND unless xgrammar]")
     a = p.parse_args()
-
-    from vllm_blockdiff.grammar import XGrammarBackend
+    if a.out is None:
+        a.out = "benchmarks/results/structured" + ("" if a.backend == "xgrammar"
+                                                    else f"_{a.backend}")
 
     cov, valid_rows, fast = {}, [], {}
-    backend = XGrammarBackend(a.model)
+    backend = make_backend(a.backend, a.model)
     if not a.speed_only:
         splits = [s for s in a.splits.split(",") if s] or None
         started = time.perf_counter()
@@ -195,7 +205,7 @@ def main() -> None:
                                           None if a.full else a.per_split, a.seed)
         print("\n".join(c.summary() for c in cov.values()))
         print(f"coverage in {time.perf_counter() - started:.0f} s")
-    llm = engine(a.model)
+    llm = engine(a.model, a.backend)
     if not a.speed_only:
         started = time.perf_counter()
         exact = {r.path for c in cov.values() for r in c.results if r.compiled and not r.warnings}

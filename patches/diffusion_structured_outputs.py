@@ -12,7 +12,7 @@ from __future__ import annotations
 from vllm.sampling_params import SamplingParams
 
 from vllm_blockdiff.engine.validation import attach_grammar
-from vllm_blockdiff.options import is_block_diffusion
+from vllm_blockdiff.options import is_block_diffusion, serve_config_of
 
 VLLM_VERSIONS = ("0.26.",)
 
@@ -29,7 +29,8 @@ def apply() -> None:
             return original(self, model_config, structured_outputs_config, tokenizer)
         if tokenizer is None:
             raise ValueError("structured outputs need a tokenizer (not with skip_tokenizer_init)")
-        attach_grammar(self, model_config.get_vocab_size(), tokenizer)
+        attach_grammar(self, model_config.get_vocab_size(), tokenizer,
+                       serve_config_of(model_config.hf_config).grammar_backend)
 
     _validate_structured_outputs.__blockdiff__ = True  # type: ignore[attr-defined]
     _validate_structured_outputs.__wrapped__ = original  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import EngineArgs
 
 CONFIGS = Path(__file__).parent / "data" / "sdar_configs"
@@ -52,10 +53,36 @@ def test_serve_time_overrides(published_sdar):
     ({"block_length": 32, "max_block_length": 16}, "block_length"),
     ({"policy": "nope"}, "policy"),
     ({"threshold": 3.0}, "threshold"),
+    ({"grammar_backend": "outlines"}, "grammar_backend"),
 ])
 def test_bad_serve_settings_name_the_key(published_sdar, settings, key):
     with pytest.raises(Exception, match=key):
         engine_config(published_sdar, additional_config={"blockdiff": settings})
+
+
+@pytest.mark.parametrize("setting, vllm_backend, expected", [
+    (None, "auto", "xgrammar"),
+    ("llguidance", "auto", "llguidance"),
+    (None, "guidance", "llguidance"),  # vLLM's own option, if the plugin's is not set
+    ("llguidance", "guidance", "llguidance"),
+    (None, "xgrammar", "xgrammar"),
+])
+def test_grammar_backend(published_sdar, setting, vllm_backend, expected):
+    settings = {} if setting is None else {"grammar_backend": setting}
+    cfg = engine_config(published_sdar, additional_config={"blockdiff": settings},
+                        structured_outputs_config=StructuredOutputsConfig(backend=vllm_backend))
+    assert cfg.model_config.hf_config.blockdiff["grammar_backend"] == expected
+
+
+@pytest.mark.parametrize("setting, vllm_backend, message", [
+    ("xgrammar", "guidance", r"grammar_backend \('xgrammar'\) contradicts"),
+    (None, "outlines", "structured-outputs-config.backend outlines"),
+])
+def test_grammar_backend_refused(published_sdar, setting, vllm_backend, message):
+    settings = {} if setting is None else {"grammar_backend": setting}
+    with pytest.raises(Exception, match=message):
+        engine_config(published_sdar, additional_config={"blockdiff": settings},
+                      structured_outputs_config=StructuredOutputsConfig(backend=vllm_backend))
 
 
 @pytest.mark.parametrize("name", ["SDAR-1.7B-Chat", "SDAR-4B-Chat", "SDAR-8B-Chat"])

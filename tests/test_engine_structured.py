@@ -2,7 +2,8 @@
 
 A random model is the worst case: it proposes anything, anywhere. Every output must be a valid
 prefix of the constraint's language, and every output that ends by itself must be complete and
-valid (a run cut by max_tokens ends with finish_reason "length", as for AR models).
+valid (a run cut by max_tokens ends with finish_reason "length", as for AR models). Every test
+runs with each grammar backend (the serve setting `grammar_backend`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import re
 from pathlib import Path
 
 import pytest
+import regex
 from vllm import SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
 
-from vllm_blockdiff.grammar import CanvasConstraint, GrammarSpec, XGrammarBackend
+from vllm_blockdiff.grammar import BACKENDS, CanvasConstraint, GrammarSpec, make_backend
 from vllm_blockdiff.grammar.coverage import load_schema, output_errors
 
 pytestmark = pytest.mark.engine
@@ -24,9 +26,30 @@ SAMPLE = Path(__file__).parent / "data" / "jsonschemabench_sample"
 SCHEMAS = sorted(SAMPLE.glob("*/*.json"))
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_name(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def backend(tiny_sdar):
-    return XGrammarBackend(tiny_sdar, vocab_size=384)
+def engine(request, backend_name, tiny_sdar):
+    """The session engine (xgrammar, the default), or one serving with llguidance."""
+    if backend_name == "xgrammar":
+        yield request.getfixturevalue("llm")
+        return
+    from conftest import ENGINE_ARGS
+    from vllm import LLM
+
+    served = LLM(tiny_sdar, **ENGINE_ARGS,
+                 additional_config={"blockdiff": {"grammar_backend": backend_name}})
+    yield served
+    del served
+
+
+@pytest.fixture(scope="module")
+def backend(backend_name, tiny_sdar):
+    """The engine's grammar backend, to replay its outputs."""
+    return make_backend(backend_name, tiny_sdar, vocab_size=384)
 
 
 def is_valid_prefix(backend, spec: GrammarSpec, tokens) -> bool:
@@ -39,14 +62,14 @@ def is_valid_prefix(backend, spec: GrammarSpec, tokens) -> bool:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_jsonschemabench_sample(llm, backend, temperature):
+def test_jsonschemabench_sample(engine, backend, temperature):
     schemas = [load_schema(p) for p in SCHEMAS]
     params = [SamplingParams(temperature=temperature, seed=i, max_tokens=160,
                              structured_outputs=StructuredOutputsParams(
                                  json=schema, disable_any_whitespace=True),
                              extra_args={"block_length": 8})
               for i, schema in enumerate(schemas)]
-    outs = llm.generate(["Answer in JSON: "] * len(schemas), params, use_tqdm=False)
+    outs = engine.generate(["Answer in JSON: "] * len(schemas), params, use_tqdm=False)
     finished = 0
     for path, schema, out in zip(SCHEMAS, schemas, outs, strict=True):
         o = out.outputs[0]
@@ -61,19 +84,26 @@ def test_jsonschemabench_sample(llm, backend, temperature):
     assert finished > 0
 
 
-def test_choice_regex_and_json_object(llm):
-    outs = llm.generate(["Pick: "] * 6, [
+def test_choice_regex_grammar_and_json_object(engine):
+    outs = engine.generate(["Pick: "] * 6, [
         SamplingParams(temperature=1.0, seed=s, max_tokens=20,
                        structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"]))
         for s in range(6)], use_tqdm=False)
     assert all(o.outputs[0].text in ("yes", "no", "maybe") for o in outs)
-    outs = llm.generate(["Code: "] * 6, [
+    outs = engine.generate(["Code: "] * 6, [
         SamplingParams(temperature=1.0, seed=s, max_tokens=20,
                        structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2,4}"),
                        extra_args={"block_length": 16, "policy": "static", "steps": 2})
         for s in range(6)], use_tqdm=False)
     assert all(re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", o.outputs[0].text) for o in outs)
-    out = llm.generate(["{"], SamplingParams(
+    outs = engine.generate(["Sum: "] * 6, [  # GBNF: both backends read it
+        SamplingParams(temperature=1.0, seed=s, max_tokens=24, structured_outputs=(
+            StructuredOutputsParams(grammar='root ::= "(" [0-9]+ ("+" [0-9]+)* ")"')))
+        for s in range(6)], use_tqdm=False)
+    for o in outs:
+        finished = o.outputs[0].finish_reason == "stop"
+        assert regex.fullmatch(r"\([0-9]+(\+[0-9]+)*\)", o.outputs[0].text, partial=not finished)
+    out = engine.generate(["{"], SamplingParams(
         temperature=0.0, max_tokens=200,
         structured_outputs=StructuredOutputsParams(json_object=True,
                                                    disable_any_whitespace=True)),
@@ -83,24 +113,30 @@ def test_choice_regex_and_json_object(llm):
         assert isinstance(json.loads(out.text), dict)
 
 
-def test_constrained_and_free_requests_share_a_batch(llm):
+def test_constrained_and_free_requests_share_a_batch(engine):
     free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    alone = llm.generate(["def f(x):"], free, use_tqdm=False)[0].outputs[0].token_ids
+    alone = engine.generate(["def f(x):"], free, use_tqdm=False)[0].outputs[0].token_ids
     constrained = SamplingParams(temperature=0.0, max_tokens=24,
                                  structured_outputs=StructuredOutputsParams(regex=r"[a-z]+"))
-    outs = llm.generate(["def f(x):", "word: "], [free, constrained], use_tqdm=False)
+    outs = engine.generate(["def f(x):", "word: "], [free, constrained], use_tqdm=False)
     assert outs[0].outputs[0].token_ids == alone
     assert outs[1].outputs[0].text.isalpha()
 
 
-@pytest.mark.parametrize("constraint, message", [
-    (dict(json={"type": "foo"}), 'Unsupported type "foo"'),
-    (dict(regex="(unclosed"), "parenthesis is not closed"),
-    (dict(grammar="root ::= undefined_rule"), "undefined_rule"),
+@pytest.mark.parametrize("constraint, messages", [
+    (dict(json={"type": "foo"}), dict(xgrammar='Unsupported type "foo"',
+                                      llguidance="Invalid type: foo")),
+    (dict(regex="(unclosed"), dict(xgrammar="parenthesis is not closed",
+                                   llguidance="unclosed group")),
+    (dict(grammar="root ::= undefined_rule"), dict(xgrammar="undefined_rule",
+                                                   llguidance="undefined_rule")),
 ])
-def test_bad_constraints_fail_before_the_engine(llm, constraint, message):
-    with pytest.raises(ValueError, match=message):
-        llm.generate(["x"], SamplingParams(
+def test_bad_constraints_fail_before_the_engine(engine, backend_name, constraint, messages):
+    with pytest.raises(ValueError) as info:
+        engine.generate(["x"], SamplingParams(
             structured_outputs=StructuredOutputsParams(**constraint)), use_tqdm=False)
-    assert llm.generate(["x"], SamplingParams(max_tokens=3, ignore_eos=True),
+    (field,) = constraint
+    assert str(info.value).startswith(f"structured_outputs.{field}: ")
+    assert messages[backend_name] in str(info.value)
+    assert engine.generate(["x"], SamplingParams(max_tokens=3, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].token_ids

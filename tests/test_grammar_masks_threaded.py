@@ -4,16 +4,18 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 
 from vllm_blockdiff.engine.sampler import fill_masks
-from vllm_blockdiff.grammar import CanvasConstraint, GrammarSpec, XGrammarBackend, bitmask
+from vllm_blockdiff.grammar import BACKENDS, CanvasConstraint, GrammarSpec, bitmask, make_backend
 
 TESTBED = Path(__file__).parent.parent / "examples" / "models" / "sdar-testbed"
 
 
-def test_threaded_masks_equal_serial_masks():
-    backend = XGrammarBackend(str(TESTBED))
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_threaded_masks_equal_serial_masks(backend_name):
+    backend = make_backend(backend_name, str(TESTBED))
     schema = {"type": "object", "required": ["name", "n"],
               "properties": {"name": {"type": "string"}, "n": {"type": "integer"}}}
     text = ' {"name": "Gus", "n": 12}'

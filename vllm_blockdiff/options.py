@@ -8,7 +8,7 @@ keys plus `max_block_length`. Every error names the offending field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -18,6 +18,8 @@ REQUEST_KEYS = ("policy", "block_length")
 # Set by the plugin itself (not by clients): the request's grammar, moved out of vLLM's
 # structured-output fields by the API-server validation (`engine/validation.py`).
 GRAMMAR_KEY = "_blockdiff_grammar"
+# Structured-output backends (`vllm_blockdiff.grammar.BACKENDS`).
+GrammarBackendName = Literal["xgrammar", "llguidance"]
 
 
 class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
@@ -34,6 +36,8 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     # Draft tokens a request may run per forward (several drafts of a block: FreeDave); 0 means
     # max_block_length, one block.
     canvas_length: int = 0
+    # Compiles and enforces structured outputs, in the API server and in the workers.
+    grammar_backend: GrammarBackendName = "xgrammar"
 
     def __post_init__(self) -> None:
         if self.canvas_length < self.max_block_length:

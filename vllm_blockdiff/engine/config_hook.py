@@ -19,13 +19,16 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vllm_blockdiff.models import BY_ARCHITECTURE
-from vllm_blockdiff.options import ServeConfig, resolve_options
+from vllm_blockdiff.options import GrammarBackendName, ServeConfig, resolve_options
 from vllm_blockdiff.policies import POLICIES, learn2pd
 
 logger = init_logger(__name__)
 
 SCHEDULER = "vllm_blockdiff.engine.scheduler.BlockDiffusionScheduler"
 MASK_TOKEN_CANDIDATES = ("<|MASK|>", "<MASK>", "|<MASK>|", "<|mask|>", "[MASK]")
+# vLLM's --structured-outputs-config.backend values the plugin can honour ("auto": its default).
+VLLM_GRAMMAR_BACKENDS: dict[str, GrammarBackendName | None] = {
+    "auto": None, "xgrammar": "xgrammar", "guidance": "llguidance"}
 
 
 class ServeSettings(msgspec.Struct, forbid_unknown_fields=True):
@@ -40,6 +43,8 @@ class ServeSettings(msgspec.Struct, forbid_unknown_fields=True):
     canvas_length: int | None = None
     policy: str | None = None
     mask_token_id: int | None = None
+    # "xgrammar" or "llguidance"; default: vLLM's --structured-outputs-config.backend, else xgrammar
+    grammar_backend: GrammarBackendName | None = None
 
 
 def _split_settings(raw: dict[str, Any]) -> tuple[ServeSettings, dict[str, Any]]:
@@ -56,6 +61,23 @@ def _split_settings(raw: dict[str, Any]) -> tuple[ServeSettings, dict[str, Any]]
     except msgspec.ValidationError as e:
         raise ValueError(f"additional_config.blockdiff: {e}") from None
     return settings, {k: v for k, v in raw.items() if k not in own}
+
+
+def resolve_grammar_backend(settings: ServeSettings, vllm_config: VllmConfig
+                            ) -> GrammarBackendName:
+    """The serve setting, else vLLM's own backend option (`guidance` is llguidance), else
+    xgrammar. The plugin enforces structured outputs itself (on the canvas), so a vLLM backend
+    it has no canvas matcher for, or one that contradicts the setting, is refused."""
+    vllm_name = vllm_config.structured_outputs_config.backend
+    if vllm_name not in VLLM_GRAMMAR_BACKENDS:
+        raise ValueError(f"--structured-outputs-config.backend {vllm_name}: block-diffusion models "
+                         "support xgrammar and guidance (llguidance)")
+    from_vllm = VLLM_GRAMMAR_BACKENDS[vllm_name]
+    chosen = settings.grammar_backend
+    if chosen is not None and from_vllm not in (None, chosen):
+        raise ValueError(f"additional_config.blockdiff.grammar_backend ({chosen!r}) contradicts "
+                         f"--structured-outputs-config.backend {vllm_name}")
+    return chosen or from_vllm or "xgrammar"
 
 
 def resolve_mask_token_id(vllm_config: VllmConfig) -> int:
@@ -115,6 +137,7 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             policy_defaults=policy_defaults,
             block_length_divides=_prefix_cache_page(vllm_config, block_length),
             canvas_length=canvas_length,
+            grammar_backend=resolve_grammar_backend(settings, vllm_config),
         )
         resolve_options(None, serve)  # the defaults themselves must be a valid request
 
@@ -131,8 +154,9 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             raise ValueError("block-diffusion models run with synchronous scheduling; "
                              "remove --async-scheduling")
         sched.async_scheduling = False
-        logger.info("block diffusion: block_length=%d (max %d), mask token %d, policy %s",
-                    block_length, max_block_length, mask_token_id, serve.policy)
+        logger.info("block diffusion: block_length=%d (max %d), mask token %d, policy %s, "
+                    "structured outputs by %s", block_length, max_block_length, mask_token_id,
+                    serve.policy, serve.grammar_backend)
 
 
 def _prefix_cache_page(vllm_config: VllmConfig, block_length: int) -> int:

@@ -27,7 +27,7 @@ from vllm_blockdiff.engine.block_state import BlockStates
 from vllm_blockdiff.engine.layout import TokenLayout, token_layout
 from vllm_blockdiff.engine.sampler import BlockDiffusionSampler
 from vllm_blockdiff.engine.validation import grammar_of
-from vllm_blockdiff.grammar import CanvasConstraint, GrammarSpec, XGrammarBackend
+from vllm_blockdiff.grammar import CanvasConstraint, GrammarBackend, GrammarSpec, make_backend
 from vllm_blockdiff.options import resolve_options, serve_config_of
 from vllm_blockdiff.transfer import Staging
 
@@ -41,8 +41,8 @@ class BlockDiffusionModelState(DefaultModelState):
         self.serve = serve_config_of(self.model_config.hf_config)
         self.states = BlockStates(self.max_num_reqs, self.serve.max_block_length,
                                   self.serve.mask_token_id, device)
-        self._grammar: XGrammarBackend | None = None  # built on the first constrained request
-        # One thread compiles grammars in arrival order (xgrammar releases the GIL).
+        self._grammar: GrammarBackend | None = None  # built on the first constrained request
+        # One thread compiles grammars in arrival order (xgrammar and llguidance release the GIL).
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockdiff-grammar")
         self._staging = Staging(device)
         self._layout: TokenLayout | None = None  # set by prepare_attn for prepare_inputs
@@ -74,11 +74,11 @@ class BlockDiffusionModelState(DefaultModelState):
         constraint.accept(emitted)
         return constraint
 
-    def _grammar_backend(self) -> XGrammarBackend:
+    def _grammar_backend(self) -> GrammarBackend:
         if self._grammar is None:
-            self._grammar = XGrammarBackend(self.model_config.tokenizer,
-                                            vocab_size=self.model_config.get_vocab_size(),
-                                            excluded_token_ids=[self.serve.mask_token_id])
+            self._grammar = make_backend(self.serve.grammar_backend, self.model_config.tokenizer,
+                                         vocab_size=self.model_config.get_vocab_size(),
+                                         excluded_token_ids=[self.serve.mask_token_id])
         return self._grammar
 
     def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:

@@ -7,7 +7,12 @@ from typing import Any
 
 import msgspec
 
-from vllm_blockdiff.grammar import GrammarSpec, XGrammarBackend, spec_from_structured_outputs
+from vllm_blockdiff.grammar import (
+    GrammarBackend,
+    GrammarSpec,
+    make_backend,
+    spec_from_structured_outputs,
+)
 from vllm_blockdiff.options import GRAMMAR_KEY, OptionsError, resolve_options, serve_config_of
 from vllm_blockdiff.policies import POLICIES
 
@@ -40,21 +45,22 @@ def validate_request(params: Any, hf_config: Any) -> None:
 
 
 @functools.cache
-def _frontend_backend(tokenizer: Any, vocab_size: int) -> XGrammarBackend:
-    return XGrammarBackend(tokenizer, vocab_size=vocab_size)
+def _frontend_backend(name: str, tokenizer: Any, vocab_size: int) -> GrammarBackend:
+    return make_backend(name, tokenizer, vocab_size=vocab_size)
 
 
-def attach_grammar(params: Any, vocab_size: int, tokenizer: Any) -> None:
+def attach_grammar(params: Any, vocab_size: int, tokenizer: Any, backend: str) -> None:
     """Check a request's structured-output constraint and hand it to the plugin's sampler.
 
     vLLM's structured-output manager assumes tokens arrive left to right one at a time, so the
     constraint leaves vLLM's fields and travels in `extra_args`, compiled by the workers. A
-    schema, regex or grammar that does not compile raises here (HTTP 400, compiler message).
+    schema, regex or grammar that does not compile raises here (HTTP 400, compiler message):
+    `backend` is the serve setting `grammar_backend`, the one the workers compile with.
     """
     spec = spec_from_structured_outputs(params.structured_outputs)
     if spec is None:
         return
-    _frontend_backend(tokenizer, vocab_size).validate(spec)
+    _frontend_backend(backend, tokenizer, vocab_size).validate(spec)
     params.extra_args = {**(params.extra_args or {}),
                          GRAMMAR_KEY: msgspec.json.encode(spec).decode()}
     params.structured_outputs = None

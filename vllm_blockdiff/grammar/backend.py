@@ -2,8 +2,8 @@
 
 The canvas logic (`canvas.py`) only needs a matcher that accepts a token, rolls back, fills a
 token bitmask and names the text the grammar forces next; `XGrammarBackend` provides that with
-xgrammar. A second backend (llguidance: `LLMatcher.consume_token / rollback /
-compute_mask_into`) fits the same protocols.
+xgrammar, `LLGuidanceBackend` (`llguidance_backend.py`) with llguidance. `make_backend` picks
+one by name (the serve setting `grammar_backend`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,8 @@ class Matcher(Protocol):
         """Undo the last `num_tokens` accepted tokens."""
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
-        """Write the allowed next tokens into row `row` of a host int32 bitmask."""
+        """Write the allowed next tokens into row `row` of a host int32 bitmask (where the
+        grammar forces text, llguidance allows only the tokens of its canonical tokenization)."""
 
     def is_completed(self) -> bool:
         """The text so far is a complete sentence of the grammar: a stop token may follow."""
@@ -128,18 +130,29 @@ def load_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int],
-                   excluded: Sequence[int] = ()) -> xgr.TokenizerInfo:
-    """xgrammar's view of the vocabulary, with special and `excluded` tokens blanked."""
+def blocked_ids(tokenizer: Any, vocab_size: int, excluded: Sequence[int] = ()) -> np.ndarray:
+    """[vocab_size] bool: ids no grammar may produce as text (special tokens, `excluded`, and
+    ids the tokenizer lacks, i.e. lm_head padding); matchers allow their stop tokens apart."""
+    blocked = np.ones(vocab_size, dtype=bool)
+    blocked[[i for i in tokenizer.get_vocab().values() if i < vocab_size]] = False
+    blocked[[i for i in special_token_ids(tokenizer) | set(excluded) if i < vocab_size]] = True
+    return blocked
+
+
+def is_text_token(blocked: np.ndarray, token: int) -> bool:
+    return 0 <= token < len(blocked) and not blocked[token]
+
+
+def tokenizer_info(tokenizer: Any, blocked: np.ndarray, stop_token_ids: Sequence[int]
+                   ) -> xgr.TokenizerInfo:
+    """xgrammar's view of the vocabulary, with `blocked` ids blanked."""
+    vocab_size = len(blocked)
     detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=list(stop_token_ids))
     encoded = [""] * vocab_size
     for token, i in tokenizer.get_vocab().items():
-        if i < vocab_size:
+        if i < vocab_size and not blocked[i]:
             encoded[i] = token
-    for i in special_token_ids(tokenizer) | set(excluded):
-        if i < vocab_size:
-            encoded[i] = ""
     return xgr.TokenizerInfo(encoded, detected.vocab_type, vocab_size=vocab_size,
                              stop_token_ids=list(stop_token_ids),
                              add_prefix_space=detected.add_prefix_space)
@@ -152,17 +165,16 @@ class XGrammarMatcher:
     are refused here: xgrammar would refuse them too, but logs a warning for each.
     """
 
-    def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: Sequence[int],
-                 special: np.ndarray):
-        self.stop_token_ids = tuple(stop_token_ids)
-        self._stops = frozenset(self.stop_token_ids)
-        self._special = special
-        self._m = xgr.GrammarMatcher(compiled, override_stop_tokens=list(self.stop_token_ids))
+    def __init__(self, compiled: xgr.CompiledGrammar, stop_token_ids: tuple[int, ...],
+                 blocked: np.ndarray):
+        self.stop_token_ids = stop_token_ids
+        self._stops = frozenset(stop_token_ids)
+        self._blocked = blocked
+        self._m = xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids))
 
     def accept(self, token: int) -> bool:
         token = int(token)
-        if token not in self._stops and (not 0 <= token < len(self._special)
-                                         or self._special[token]):
+        if token not in self._stops and not is_text_token(self._blocked, token):
             return False
         return self._m.accept_token(token)
 
@@ -189,8 +201,9 @@ class XGrammarMatcher:
         self._m.reset()
 
 
-class XGrammarBackend:
-    """Compiles specs against one tokenizer + model vocabulary; thread-safe compile and cache.
+class CachingBackend(ABC):
+    """What every backend shares: one tokenizer + model vocabulary, default stop tokens, the ids
+    never allowed, and a thread-safe compile cache keyed by spec (subclasses `_compile`).
 
     `vocab_size` is the model's (lm_head rows); ids past the tokenizer are never allowed.
     `stop_token_ids` are the ids a complete sentence may end with (the model's EOS ids, primary
@@ -201,23 +214,53 @@ class XGrammarBackend:
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None,
                  stop_token_ids: Sequence[int] | None = None,
-                 excluded_token_ids: Sequence[int] = (), cache_size: int = 256,
-                 max_threads: int | None = None):
+                 excluded_token_ids: Sequence[int] = (), cache_size: int = 256):
         self.tokenizer = load_tokenizer(tokenizer)
         vocab = self.tokenizer.get_vocab()
-        self.vocab_size = vocab_size or max(len(vocab), max(vocab.values()) + 1)
+        self.tokenizer_size = max(len(vocab), max(vocab.values()) + 1)
+        self.vocab_size = vocab_size or self.tokenizer_size
         if stop_token_ids is None:
             stop_token_ids = [self.tokenizer.eos_token_id]
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
-        info = tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_ids,
-                              excluded_token_ids)
-        self._special = np.zeros(self.vocab_size, dtype=bool)
-        self._special[info.special_token_ids] = True  # blanked specials and padding ids
-        threads = max_threads or min(8, os.cpu_count() or 1)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
-        self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
+        self.blocked = blocked_ids(self.tokenizer, self.vocab_size, excluded_token_ids)
+        self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    def compile(self, spec: GrammarSpec) -> Any:
+        with self._lock:
+            if spec in self._cache:
+                self._cache.move_to_end(spec)
+                return self._cache[spec]
+        compiled = self._compile(spec)
+        with self._lock:
+            self._cache[spec] = compiled
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    @abstractmethod
+    def _compile(self, spec: GrammarSpec) -> Any:
+        """Compile `spec` (uncached); raises GrammarError naming the spec's field."""
+
+    def _stops(self, stop_token_ids: Sequence[int] | None) -> tuple[int, ...]:
+        return self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+class XGrammarBackend(CachingBackend):
+    """`GrammarBackend` with xgrammar (EBNF grammars); see `CachingBackend` for the arguments."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int | None = None,
+                 stop_token_ids: Sequence[int] | None = None,
+                 excluded_token_ids: Sequence[int] = (), cache_size: int = 256,
+                 max_threads: int | None = None):
+        super().__init__(tokenizer, vocab_size, stop_token_ids, excluded_token_ids, cache_size)
+        info = tokenizer_info(self.tokenizer, self.blocked, self.stop_token_ids)
+        threads = max_threads or min(8, os.cpu_count() or 1)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
 
     def validate(self, spec: GrammarSpec) -> None:
         """Raise GrammarError if `spec` does not compile, without the token-level work.
@@ -228,21 +271,12 @@ class XGrammarBackend:
         """
         self._grammar(spec)
 
-    def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
-        with self._lock:
-            if spec in self._cache:
-                self._cache.move_to_end(spec)
-                return self._cache[spec]
+    def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         grammar = self._grammar(spec)
         try:
-            compiled = self._compiler.compile_grammar(grammar)
+            return self._compiler.compile_grammar(grammar)
         except (RuntimeError, ValueError, TypeError) as e:
             raise GrammarError(spec.field, compiler_message(e)) from None
-        with self._lock:
-            self._cache[spec] = compiled
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return compiled
 
     def _grammar(self, spec: GrammarSpec) -> xgr.Grammar:
         try:
@@ -259,8 +293,20 @@ class XGrammarBackend:
 
     def matcher(self, compiled: xgr.CompiledGrammar,
                 stop_token_ids: Sequence[int] | None = None) -> XGrammarMatcher:
-        stops = self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
-        return XGrammarMatcher(compiled, stops, self._special)
+        return XGrammarMatcher(compiled, self._stops(stop_token_ids), self.blocked)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+BACKENDS = ("xgrammar", "llguidance")
+
+
+def make_backend(name: str, tokenizer: Any, vocab_size: int | None = None,
+                 stop_token_ids: Sequence[int] | None = None,
+                 excluded_token_ids: Sequence[int] = ()) -> GrammarBackend:
+    """The backend called `name` (one of `BACKENDS`); llguidance is imported only when used."""
+    if name == "llguidance":
+        from vllm_blockdiff.grammar.llguidance_backend import LLGuidanceBackend
+
+        return LLGuidanceBackend(tokenizer, vocab_size, stop_token_ids, excluded_token_ids)
+    if name == "xgrammar":
+        return XGrammarBackend(tokenizer, vocab_size, stop_token_ids, excluded_token_ids)
+    raise ValueError(f"unknown grammar backend {name!r}; choose one of {list(BACKENDS)}")

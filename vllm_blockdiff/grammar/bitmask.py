@@ -56,9 +56,21 @@ def allowed_ids(row: torch.Tensor, limit: int) -> list[int] | None:
     return np.flatnonzero(bits).tolist()
 
 
+def pack(allowed: np.ndarray, num_words: int) -> torch.Tensor:
+    """A [num_words] host row allowing the ids where the bool array `allowed` is True (the
+    inverse of `to_bool`); ids past `allowed` are disallowed."""
+    bits = np.zeros(num_words * BITS, dtype=bool)
+    bits[:len(allowed)] = allowed
+    return torch.from_numpy(np.packbits(bits, bitorder="little").view(np.int32))
+
+
+def pack_ids(ids: Sequence[int], num_words: int) -> torch.Tensor:
+    """A [num_words] host row allowing exactly `ids`."""
+    allowed = np.zeros(num_words * BITS, dtype=bool)
+    allowed[list(ids)] = True
+    return pack(allowed, num_words)
+
+
 def allow_only(row: torch.Tensor, ids: Sequence[int]) -> None:
     """Overwrite one [W] host bitmask row so that exactly `ids` are allowed."""
-    packed = np.zeros(row.shape[-1], dtype=np.uint32)
-    for i in ids:
-        packed[i // BITS] |= np.uint32(1 << (i % BITS))
-    row.copy_(torch.from_numpy(packed.view(np.int32)))
+    row.copy_(pack_ids(ids, row.shape[-1]))

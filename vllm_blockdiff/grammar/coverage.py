@@ -9,8 +9,10 @@ give the same counts: 4.7 s against 45 s for the whole benchmark on 2 cores, tin
 xgrammar compiles some schemas only approximately and logs a warning (e.g. "multipleOf is not
 supported; ignoring multipleOf"): such a grammar can admit outputs the schema rejects, so those
 schemas are counted apart. Warnings are read from the C++ log on file descriptor 2, which makes
-this module a benchmark helper: not thread-safe, not for the serving path.
-`python -m vllm_blockdiff.grammar.coverage TOKENIZER_DIR [ROOT]` prints the table.
+this module a benchmark helper: not thread-safe, not for the serving path. (llguidance refuses
+what it cannot enforce instead of approximating, so it reports no warnings.)
+`python -m vllm_blockdiff.grammar.coverage TOKENIZER_DIR [ROOT] [--backend llguidance]` prints
+the table.
 """
 
 from __future__ import annotations
@@ -162,11 +164,12 @@ def output_errors(text: str, schema: Any) -> str | None:
 def main() -> None:
     import argparse
 
-    from vllm_blockdiff.grammar.backend import XGrammarBackend
+    from vllm_blockdiff.grammar.backend import BACKENDS, make_backend
 
-    parser = argparse.ArgumentParser(description="JSONSchemaBench declared coverage (xgrammar)")
+    parser = argparse.ArgumentParser(description="JSONSchemaBench declared coverage")
     parser.add_argument("tokenizer", help="checkpoint or tokenizer directory")
     parser.add_argument("root", nargs="?", default="/work/shared/data/jsonschemabench")
+    parser.add_argument("--backend", choices=BACKENDS, default="xgrammar")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="first N schemas per split")
     parser.add_argument("--workers", type=int, default=1,
@@ -174,7 +177,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true",
                         help="compile completely (vocabulary pass included), not only validate")
     a = parser.parse_args()
-    backend = XGrammarBackend(a.tokenizer, a.vocab_size)
+    backend = make_backend(a.backend, a.tokenizer, a.vocab_size)
     for split in coverage(backend, a.root, a.limit, a.workers, a.full).values():
         print(split.summary())
 
