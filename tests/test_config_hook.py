@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import EngineArgs
 
@@ -42,8 +43,14 @@ def test_serve_time_overrides(published_sdar):
         "block_length": 8, "max_block_length": 32, "policy": "dynamic", "threshold": 0.7}})
     serve = cfg.model_config.hf_config.blockdiff
     assert (serve["block_length"], serve["max_block_length"], serve["policy"]) == (8, 32, "dynamic")
-    assert serve["policy_defaults"] == {"threshold": 0.7}
+    newline = AutoTokenizer.from_pretrained(published_sdar).encode("\n", add_special_tokens=False)
+    # AdaBlock's delimiter defaults to the tokenizer's newline token
+    assert serve["policy_defaults"] == {"threshold": 0.7, "delimiter": newline[0]}
+    assert len(newline) == 1
     assert cfg.diffusion_config.canvas_length == 32
+    overridden = engine_config(published_sdar, additional_config={"blockdiff": {
+        "delimiter": None}}).model_config.hf_config.blockdiff
+    assert overridden["policy_defaults"] == {"delimiter": None}
     # blocks must not straddle KV pages while prefix caching is on: the page grows to fit
     assert cfg.cache_config.block_size % 8 == 0
 

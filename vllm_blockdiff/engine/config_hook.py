@@ -80,16 +80,26 @@ def resolve_grammar_backend(settings: ServeSettings, vllm_config: VllmConfig
     return chosen or from_vllm or "xgrammar"
 
 
-def resolve_mask_token_id(vllm_config: VllmConfig) -> int:
+def load_tokenizer(vllm_config: VllmConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    mc = vllm_config.model_config
+    return AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                         trust_remote_code=mc.trust_remote_code)
+
+
+def newline_token_id(tokenizer: Any) -> int | None:
+    """The tokenizer's one token for a newline (AdaBlock's default delimiter), if it has one."""
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def resolve_mask_token_id(vllm_config: VllmConfig, tokenizer: Any = None) -> int:
     """The mask token: config.json's `mask_token_id`, else the tokenizer's mask token."""
     hf_config = vllm_config.model_config.hf_config
     if getattr(hf_config, "mask_token_id", None) is not None:
         return int(hf_config.mask_token_id)
-    from transformers import AutoTokenizer
-
-    mc = vllm_config.model_config
-    tok = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
-                                        trust_remote_code=mc.trust_remote_code)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(vllm_config)
     vocab = tok.get_vocab()
     candidates = [tok.mask_token] if getattr(tok, "mask_token", None) else []
     for token in [*candidates, *MASK_TOKEN_CANDIDATES]:
@@ -114,6 +124,10 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
         bundled_filter = Path(model_config.model) / learn2pd.DEFAULT_PATH  # Learn2PD's default
         if "filter" not in policy_defaults and bundled_filter.is_file():
             policy_defaults["filter"] = str(bundled_filter.resolve())
+        tokenizer = None if model_config.skip_tokenizer_init else load_tokenizer(vllm_config)
+        if "delimiter" not in policy_defaults and tokenizer is not None:
+            # AdaBlock's default: a newline, where the tokenizer has one token for it.
+            policy_defaults["delimiter"] = newline_token_id(tokenizer)
 
         checkpoint_block = next((getattr(hf_config, k) for k in family.block_length_keys
                                  if getattr(hf_config, k, None)), None)
@@ -127,7 +141,7 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             raise ValueError(f"additional_config.blockdiff.canvas_length ({canvas_length}) is "
                              f"less than max_block_length ({max_block_length})")
         mask_token_id = (settings.mask_token_id if settings.mask_token_id is not None
-                         else resolve_mask_token_id(vllm_config))
+                         else resolve_mask_token_id(vllm_config, tokenizer))
 
         serve = ServeConfig(
             block_length=block_length,

@@ -26,10 +26,10 @@ paper, a window never reaches past the block, and one whose delimiter is still m
 between steps (AdaBlock fixes it at the block's first forward).
 
 Parameters: `threshold` 0.9, `delimiter_threshold` 0.3 (the paper's LLaDA value; 0.5 for Dream),
-`delimiter` the delimiter's token id. The newline id depends on the tokenizer (198 for Qwen
-tokenizers, as used by SDAR/TraDo): clients pass it per request, or the server sets a default with
-`--additional-config '{"blockdiff": {"delimiter": 198}}'`. Without one (None) the policy is the
-plain threshold rule.
+`delimiter` the delimiter's token id: by default the served tokenizer's newline token (198 for
+Qwen tokenizers, as used by SDAR/TraDo; set by the config hook), else per request or with
+`--additional-config '{"blockdiff": {"delimiter": ID}}'`. Without one (None, e.g.
+`"delimiter": null` per request) the policy is the plain threshold rule.
 Use it for line-structured output (step-by-step reasoning, code, lists) with long blocks, where a
 block usually spans several lines.
 """
