@@ -55,9 +55,16 @@ def _gumbel_sample_host(logits: torch.Tensor, seeds: np.ndarray, offsets: np.nda
 
 def fill_masks(constraints: list, masks: torch.Tensor,
                pool: ThreadPoolExecutor | None = None) -> None:
-    """Row j of `masks` = the tokens constraint j allows next; on `pool`'s threads if given."""
+    """Row j of `masks` = the tokens constraint j allows next; on `pool`'s threads if given.
+
+    Inference mode is per thread: the pool's threads enter the caller's, or writing into
+    `masks` (an inference tensor while sampling) would fail.
+    """
+    inference = torch.is_inference_mode_enabled()
+
     def fill(j: int) -> None:
-        constraints[j].fill_bitmask(masks, j)
+        with torch.inference_mode(inference):
+            constraints[j].fill_bitmask(masks, j)
 
     if pool is None:
         for j in range(len(constraints)):
