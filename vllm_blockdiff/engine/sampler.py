@@ -103,7 +103,9 @@ class StepPlan:
         self.denoise &= [states.grammar_ready(int(s)) for s in self.slots]
         # Drafts side by side (FreeDave); one for every other policy.
         self.num_drafts = np.where(self.denoise, 1 + np.maximum(extra, 0) // self.block_length, 0)
-        self.verify = self.denoise & states.verifies_drafts_np[self.slots]
+        # Requests whose policy drafts (FreeDave), and those of them denoised this step.
+        self.drafting = states.verifies_drafts_np[self.slots]
+        self.verify = self.denoise & self.drafting
         self.fresh = self.drafts == 0  # prefill chunk: the block starts over
 
 
@@ -227,7 +229,7 @@ class BlockDiffusionSampler:
         # The next step's canvas (the scheduler sizes it; the runner reads the values from here).
         columns = (offset[:, None] + torch.arange(cl, device=device)).clamp_(max=cl - 1)
         self.req_states.draft_tokens[d.slots, :cl] = canvas.gather(1, columns)
-        if plan.verify.any():
+        if plan.drafting.any():  # also when not denoised: the line above overwrote their drafts
             self._write_drafts(plan, d, canvas, committed, offset)
         self._observe_markers(plan, sampled, num_sampled)
 
@@ -463,15 +465,15 @@ class BlockDiffusionSampler:
 
     def _write_drafts(self, plan: StepPlan, d: _Device, canvas: torch.Tensor,
                       committed: torch.Tensor, offset: torch.Tensor) -> None:
-        """The next step's drafts of verifying requests: draft k is the canvas with the k most
+        """The next step's drafts of drafting requests: draft k is the canvas with the k most
         confident predictions filled in. Draft 0 is the block's open rest, further drafts whole
         blocks (`engine/layout.py`); the scheduler decides how many run."""
         device = canvas.device
         states = self.states
-        verify = np.flatnonzero(plan.verify)
-        rows = torch.tensor(verify, device=device)
+        drafting = np.flatnonzero(plan.drafting)
+        rows = torch.tensor(drafting, device=device)
         slots = d.slots[rows]
-        k_max = max(states.options[plan.slots[i]].params.drafts for i in verify)
+        k_max = max(states.options[plan.slots[i]].params.drafts for i in drafting)
         cols = torch.arange(self.canvas_length, device=device)
         off, b = offset[rows], d.block_length[rows]
         open_ = ~committed[rows] & (cols >= off[:, None]) & (cols < b[:, None])
@@ -485,7 +487,7 @@ class BlockDiffusionSampler:
         k = torch.where(c < rest, 0, 1 + beyond // b[:, None]).clamp_(max=k_max - 1)
         j = torch.where(c < rest, off[:, None] + c, beyond % b[:, None])
         j = j.clamp_(max=self.canvas_length - 1)
-        picked = drafts[torch.arange(len(verify), device=device)[:, None], k, j]
+        picked = drafts[torch.arange(len(drafting), device=device)[:, None], k, j]
         self.req_states.draft_tokens[slots, : self.draft_capacity] = picked
 
     def _observe_markers(self, plan: StepPlan, sampled: torch.Tensor,
