@@ -3,9 +3,11 @@
 Both engines load the same architecture shape (SDAR = Qwen3 + block-causal attention), with
 `load_format=dummy` random weights for model shapes whose checkpoints are not available here, so
 the comparison is of the serving path at a controlled tokens-per-forward: the `static` policy with
-`steps` S commits B / S tokens per forward whatever the weights. Prints a table and writes JSON.
+`steps` S commits B / S tokens per forward whatever the weights. Per engine it also times the
+first token of a `--ttft-prompt-len` prompt (TTFT). Prints a table and writes JSON; each row
+names the card.
 
-    python benchmarks/throughput.py --shape qwen3-1.7b --batch 1 32 128 --out results.json
+    python benchmarks/throughput.py --shape qwen3-1.7b --out benchmarks/results/throughput_h100.json
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Row(msgspec.Struct):
     tokens_per_s: float
     forwards_per_request: float
     tokens_per_forward: float
+    ms_per_forward: float  # wall time per engine step (all requests advance together)
+    card: str
+    cudagraph_mode: str  # the compilation setting the engine ran with ("default": vLLM's/plugin's)
 
 
 def write_shape(root: Path, shape: str, arch: str) -> str:
@@ -56,20 +61,32 @@ def write_shape(root: Path, shape: str, arch: str) -> str:
     return str(out)
 
 
-def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, eager) -> list[Row]:
-    from vllm import LLM, SamplingParams
+def _prompts(batch: int, prompt_len: int) -> list:
     from vllm.inputs import TokensPrompt
 
+    return [TokensPrompt(prompt_token_ids=[(7 * i + j) % 300 + 10 for j in range(prompt_len)])
+            for i in range(batch)]
+
+
+def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, eager,
+               cudagraph_mode: str | None, ttft_prompt_len: int) -> tuple[list[Row], float]:
+    """Rows per (config, batch), and the seconds to the first token of one long prompt."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    max_block = max(b for b, _ in configs)
     llm = LLM(path, load_format="dummy", dtype="bfloat16", enforce_eager=eager,
-              max_model_len=prompt_len + max_tokens + 64, gpu_memory_utilization=0.5,
-              max_num_seqs=max(batches), seed=0)
+              max_model_len=max(prompt_len, ttft_prompt_len) + max_tokens + 64,
+              gpu_memory_utilization=0.5, max_num_seqs=max(batches), seed=0,
+              compilation_config={"cudagraph_mode": cudagraph_mode} if cudagraph_mode else None,
+              additional_config={"blockdiff": {"max_block_length": max(max_block, 16)}}
+              if arch == "sdar" else None)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for block_length, steps in configs:
         extra = {"policy": "static", "block_length": block_length, "steps": steps}
         for batch in batches:
-            prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 300 + 10
-                                                      for j in range(prompt_len)])
-                       for i in range(batch)]
+            prompts = _prompts(batch, prompt_len)
             params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
                                     detokenize=False,
                                     extra_args=extra if arch == "sdar" else None)
@@ -80,46 +97,72 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             if arch == "sdar":
                 fwd = sum(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs) / batch
+                slowest = max(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs)
             else:
-                fwd = max_tokens  # one forward per token (the prompt's forward emits the first)
+                fwd = slowest = max_tokens  # one forward per token (the prompt's emits the first)
             rows.append(Row(engine="ar" if arch == "qwen3" else "diffusion",
                             block_length=block_length, steps=steps, batch=batch,
                             output_tokens=tokens, seconds=round(dt, 3),
                             tokens_per_s=round(tokens / dt, 1),
                             forwards_per_request=round(fwd, 2),
-                            tokens_per_forward=round(tokens / batch / fwd, 3)))
+                            tokens_per_forward=round(tokens / batch / fwd, 3),
+                            ms_per_forward=round(dt * 1e3 / slowest, 3), card=card,
+                            cudagraph_mode=cudagraph_mode or "default"))
             print(msgspec.json.encode(rows[-1]).decode(), flush=True)
+    block_length, steps = configs[0]
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False,
+                            extra_args={"policy": "static", "block_length": block_length,
+                                        "steps": steps} if arch == "sdar" else None)
+    ttft = []
+    for i in range(4):  # the first is a warm-up; distinct prompts (no prefix-cache hits)
+        t = time.perf_counter()
+        llm.generate([_prompts(i + 1, ttft_prompt_len)[i]], params, use_tqdm=False)
+        ttft.append(time.perf_counter() - t)
     del llm
-    return rows
+    return rows, round(min(ttft[1:]), 4)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--configs", default="4:4,4:2,4:1,8:2,16:4",
+    p.add_argument("--configs", default="4:1,8:2,16:4,32:8,4:4",
                    help="block_length:steps pairs for the diffusion engine")
+    p.add_argument("--ttft-prompt-len", type=int, default=1024)
     p.add_argument("--eager", action="store_true", help="disable torch.compile / CUDA graphs")
+    p.add_argument("--cudagraph-mode", default=None,
+                   help="the diffusion engine's -cc.cudagraph_mode (e.g. PIECEWISE, the layout "
+                        "before FULL graphs); default: the plugin's choice")
     p.add_argument("--out", default="throughput.json")
     a = p.parse_args()
     configs = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",")]
+    common = (a.batch, a.prompt_len, a.max_tokens, a.eager)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows = run_engine(write_shape(root, a.shape, "qwen3"), "qwen3", [(1, 1)], a.batch,
-                          a.prompt_len, a.max_tokens, a.eager)
-        rows += run_engine(write_shape(root, a.shape, "sdar"), "sdar", configs, a.batch,
-                           a.prompt_len, a.max_tokens, a.eager)
+        rows, ar_ttft = run_engine(write_shape(root, a.shape, "qwen3"), "qwen3", [(1, 1)],
+                                   *common, None, a.ttft_prompt_len)
+        sdar_rows, sdar_ttft = run_engine(write_shape(root, a.shape, "sdar"), "sdar", configs,
+                                          *common, a.cudagraph_mode, a.ttft_prompt_len)
+    rows += sdar_rows
     ar = {r.batch: r.tokens_per_s for r in rows if r.engine == "ar"}
-    header = ("engine", "B", "steps", "batch", "TPF", "tok/s", "vs AR")
-    print("\n{:10} {:>3} {:>5} {:>5} {:>6} {:>10} {:>6}".format(*header))
+    ar_ms = {r.batch: r.ms_per_forward for r in rows if r.engine == "ar"}
+    header = ("engine", "B", "steps", "batch", "TPF", "ms/fwd", "vs AR", "tok/s", "vs AR")
+    print(f"\n{rows[0].card}\n" + "{:10} {:>3} {:>5} {:>5} {:>6} {:>7} {:>6} {:>10} {:>6}"
+          .format(*header))
     for r in rows:
         print(f"{r.engine:10} {r.block_length:3d} {r.steps:5d} {r.batch:5d} "
-              f"{r.tokens_per_forward:6.2f} {r.tokens_per_s:10.1f} "
+              f"{r.tokens_per_forward:6.2f} {r.ms_per_forward:7.2f} "
+              f"{r.ms_per_forward / ar_ms[r.batch]:6.2f} {r.tokens_per_s:10.1f} "
               f"{r.tokens_per_s / ar[r.batch]:6.2f}")
+    print(f"TTFT ({a.ttft_prompt_len}-token prompt): AR {ar_ttft * 1e3:.1f} ms, diffusion "
+          f"{sdar_ttft * 1e3:.1f} ms ({sdar_ttft / ar_ttft:.2f}x)")
     Path(a.out).write_text(json.dumps({"shape": a.shape, "prompt_len": a.prompt_len,
                                        "max_tokens": a.max_tokens, "eager": a.eager,
+                                       "card": rows[0].card,
+                                       "ttft": {"prompt_len": a.ttft_prompt_len,
+                                                "ar_s": ar_ttft, "diffusion_s": sdar_ttft},
                                        "rows": msgspec.to_builtins(rows)}, indent=2))
 
 

@@ -77,6 +77,29 @@ def test_kernel_matches_torch(case):
     torch.testing.assert_close(got, expected, atol=2e-5 if DEVICE == "cpu" else 2e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("tile_hint", [1, 4, 64])
+def test_kernel_launch_is_independent_of_the_batch_shape(tile_hint):
+    """What a FULL CUDA graph replays: a launch sized for padded token and request counts, with
+    any tile-height hint, gives the same result for the real requests (padding tokens belong to
+    no request, as in vLLM's padded batches, and are left alone)."""
+    c = _case(**CASES[0], dtype=torch.float32)
+    write_kv_cache(c["k_new"], c["v_new"], c["kc"], c["vc"], c["slots"])
+    t, pad_tokens, pad_reqs = c["q"].shape[0], 11, 3
+    q = torch.cat([c["q"], torch.randn(pad_tokens, *c["q"].shape[1:], device=DEVICE)])
+    qsl = torch.cat([c["qsl"], c["qsl"].new_full((pad_reqs,), t)])
+    seq_lens = torch.cat([c["seq_lens"], c["seq_lens"].new_zeros(pad_reqs)])
+    table = torch.cat([c["table"], c["table"].new_zeros(pad_reqs, c["table"].shape[1])])
+    ranges = [torch.cat([r, r.new_zeros(pad_tokens)]) for r in c["ranges"]]
+    expected = torch.zeros_like(c["q"])
+    paged_block_causal_attention_torch(c["q"], c["kc"], c["vc"], expected, c["qsl"],
+                                       c["seq_lens"], c["table"], *c["ranges"], 0.125)
+    got = torch.full_like(q, float("nan"))
+    paged_block_causal_attention_triton(q, c["kc"], c["vc"], got, qsl, seq_lens, table, *ranges,
+                                        0.125, tile_hint)
+    torch.testing.assert_close(got[:t], expected, atol=2e-5 if DEVICE == "cpu" else 2e-3,
+                               rtol=1e-3)
+
+
 def test_torch_path_is_block_causal_attention():
     """The paged implementation equals dense attention under `block_causal_mask`."""
     c = _case(heads=2, kv_heads=1, head_dim=16, page=16, queries=[(0, 23, 4)], dtype=torch.float32)

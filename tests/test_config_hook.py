@@ -104,3 +104,20 @@ def test_real_sdar_config_json_is_served_unchanged(published_sdar, tmp_path, nam
     assert cfg.model_config.hf_config.blockdiff["block_length"] == 4
     assert cfg.model_config.hf_config.num_hidden_layers == json.loads(source.read_text())[
         "num_hidden_layers"]
+
+
+@pytest.mark.parametrize("chosen, expected", [(None, "FULL"), ("PIECEWISE", "PIECEWISE"),
+                                              ("NONE", "NONE")])
+def test_full_cuda_graphs_unless_the_user_chose(chosen, expected):
+    """Diffusion batches mix B- and 2B-token queries and prefills: FULL graphs for mixed
+    batches (the block-causal kernel is graph-safe for any mix), unless -cc.cudagraph_mode says."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_blockdiff.engine.config_hook import use_full_cuda_graphs
+
+    compilation = CompilationConfig(cudagraph_mode=chosen and CUDAGraphMode[chosen])
+    use_full_cuda_graphs(SimpleNamespace(compilation_config=compilation))
+    assert compilation.cudagraph_mode == CUDAGraphMode[expected]

@@ -7,6 +7,12 @@ One program handles BLOCK_Q query tokens of one request for one KV head and all 
 share it (GQA), streaming that request's keys in tiles of BLOCK_N positions with an online softmax.
 A query row only loads key tiles below its tile's largest limit, so a denoising block costs one pass
 over the cached prefix, and block-causal prefill skips the upper triangle block by block.
+
+The launch grid depends only on the (padded) token and request counts, never on the batch's
+query lengths: program i finds its request and tile by binary search over `query_start_loc`
+(request r owns the tiles from `query_start_loc[r] // BLOCK_Q + r` on). One captured launch is
+therefore valid for every batch of that size, so the kernel runs inside FULL CUDA graphs for
+mixed batches (prefill chunks, denoising steps, block commits and drafts together).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ def _paged_block_causal_attn_kernel(
     query_start_loc_ptr, seq_lens_ptr, block_table_ptr, kv_limit_ptr, skip_start_ptr,
     skip_end_ptr,
     scale,
+    num_reqs,
     stride_qt, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
@@ -36,11 +43,21 @@ def _paged_block_causal_attn_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" keeps float32 models exact (no TF32)
 ):
-    req = tl.program_id(0)
-    q_tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
 
+    # The last request whose first tile is at or before this one; request r's tiles start at
+    # query_start_loc[r] // BLOCK_Q + r, which leaves room for its cdiv(q_len, BLOCK_Q) tiles.
+    lo = 0
+    hi = num_reqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first <= tile, mid, lo)
+        hi = tl.where(first <= tile, hi, mid - 1)
+    req = lo
     q_start = tl.load(query_start_loc_ptr + req)
+    q_tile = tile - (q_start // BLOCK_Q + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
         return
@@ -129,20 +146,23 @@ def paged_block_causal_attention_triton(
     block_q: int = 16,
     block_n: int = 64,
 ) -> None:
+    """`max_query_len` only tunes the tile height; any value gives correct results, so a graph
+    captured with one replays correctly for batches with others."""
     num_reqs = seq_lens.shape[0]
-    num_heads, head_size = query.shape[1], query.shape[2]
+    num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key_cache.shape[2]
     num_groups = num_heads // num_kv_heads
     block_g = triton.next_power_of_2(num_groups)
-    block_q = max(1, min(block_q, triton.next_power_of_2(max_query_len)) // 1)
+    block_q = max(1, min(block_q, triton.next_power_of_2(max(max_query_len, 1))))
     # Keep the tile's row count (tokens x grouped heads) at least 16 for tl.dot.
     while block_q * block_g < 16:
         block_q *= 2
-    grid = (num_reqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     _paged_block_causal_attn_kernel[grid](
         query, key_cache, value_cache, output,
         query_start_loc, seq_lens, block_table, kv_limit, skip_start, skip_end,
         scale,
+        num_reqs,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),

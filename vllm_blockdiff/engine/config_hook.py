@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 from vllm.config import VllmConfig
+from vllm.config.compilation import CUDAGraphMode
 from vllm.config.diffusion import DiffusionConfig
 from vllm.logger import init_logger
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
@@ -168,9 +169,25 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             raise ValueError("block-diffusion models run with synchronous scheduling; "
                              "remove --async-scheduling")
         sched.async_scheduling = False
+        use_full_cuda_graphs(vllm_config)
         logger.info("block diffusion: block_length=%d (max %d), mask token %d, policy %s, "
                     "structured outputs by %s", block_length, max_block_length, mask_token_id,
                     serve.policy, serve.grammar_backend)
+
+
+def use_full_cuda_graphs(vllm_config: VllmConfig) -> None:
+    """FULL CUDA graphs for every batch up to the largest capture size, unless the user chose.
+
+    vLLM's default (FULL_AND_PIECEWISE) replays FULL graphs only for uniform decode batches of
+    `canvas_length` tokens per request; a diffusion step is B or 2B tokens per request and
+    mixes prefills, so it fell back to PIECEWISE graphs with the attention op run eagerly per
+    layer, where the host dominated the step. The block-causal kernel's launch depends only on
+    the padded token and request counts (`attention/triton_kernel.py`), so one FULL graph per
+    capture size serves any mix of prefill chunks, denoising steps, commits and drafts.
+    """
+    compilation = vllm_config.compilation_config
+    if compilation.cudagraph_mode is None:
+        compilation.cudagraph_mode = CUDAGraphMode.FULL
 
 
 def _prefix_cache_page(vllm_config: VllmConfig, block_length: int) -> int:

@@ -1,0 +1,198 @@
+"""Where one engine step's time goes: AR twin vs block diffusion, per batch size, on the GPU.
+
+Each engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) in its own subprocess. Per batch
+size it times one `generate` without the profiler (wall ms per engine step), then profiles another
+with the torch profiler, the runner's and scheduler's phases wrapped in `record_function` ranges:
+
+- `schedule` / `update`: the scheduler before and after the step (host);
+- `prepare`: the runner's and model state's input and attention preparation (host, H2D copies);
+- `forward`: the model (graph replay, or eager/piecewise launches);
+- `logits`: `compute_logits`; `sampler`: the rest of `sample` (propose, policy, commit, canvas);
+- `postprocess`: the runner's bookkeeping after sampling.
+
+For each phase it reports host time (CPU time of the range) and GPU time (kernels launched from
+it) per step, plus the GPU's busy time (union of kernel intervals) and idle time per step. The
+profiler roughly doubles host times; the unprofiled wall time is the real step cost.
+
+    python benchmarks/step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
+        --out benchmarks/results/step_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PHASES = ("schedule", "prepare", "forward", "logits", "sampler", "postprocess", "update")
+
+
+def _wrap(obj, name: str, label: str) -> None:
+    import torch
+
+    fn = getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    setattr(obj, name, wrapped)
+
+
+def _instrument(llm) -> dict[str, int]:
+    """Wrap the phases of the in-process engine; returns a live step counter."""
+    core = llm.llm_engine.engine_core.engine_core
+    runner = core.model_executor.driver_worker.worker.model_runner
+    steps = {"n": 0}
+    schedule = core.scheduler.schedule
+
+    def counted(*args, **kwargs):
+        steps["n"] += 1
+        return schedule(*args, **kwargs)
+
+    core.scheduler.schedule = counted
+    _wrap(core.scheduler, "schedule", "schedule")
+    _wrap(core.scheduler, "update_from_output", "update")
+    for name in ("prepare_inputs", "prepare_attn"):
+        _wrap(runner, name, "prepare")
+        _wrap(runner.model_state, name, "prepare")
+    _wrap(runner.model, "compute_logits", "logits")
+    _wrap(runner, "sample", "sample")
+    _wrap(runner, "postprocess_sampled", "postprocess")
+    _wrap(runner, "execute_model", "execute")
+    return steps
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def _breakdown(prof, steps: int) -> dict[str, dict[str, float]]:
+    """Per-step host and GPU milliseconds of each phase (nested ranges subtracted)."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    host: dict[str, float] = {}
+    gpu: dict[str, float] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name in ("execute", "sample", *PHASES):
+            host[e.name] = host.get(e.name, 0.0) + e.cpu_time_total / 1e3
+            gpu[e.name] = gpu.get(e.name, 0.0) + e.device_time_total / 1e3
+    # forward = execute - prepare; sampler = sample - logits (ranges nest that way)
+    for outer, inner, name in (("execute", "prepare", "forward"), ("sample", "logits", "sampler")):
+        host[name] = host.pop(outer, 0.0) - host.get(inner, 0.0)
+        gpu[name] = gpu.pop(outer, 0.0) - gpu.get(inner, 0.0)
+    kernels = [(e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == DeviceType.CUDA]
+    span = (max(b for _, b in kernels) - min(a for a, _ in kernels)) / 1e3 if kernels else 0.0
+    busy = _union(kernels) / 1e3
+    out = {p: {"host_ms": round(host.get(p, 0.0) / steps, 3),
+               "gpu_ms": round(gpu.get(p, 0.0) / steps, 3)} for p in PHASES}
+    out["gpu"] = {"busy_ms": round(busy / steps, 3), "idle_ms": round((span - busy) / steps, 3),
+                  "kernels": round(len(kernels) / steps, 1)}
+    return out
+
+
+def run_engine(path: str, arch: str, config: str, batches: list[int], prompt_len: int,
+               max_tokens: int, cudagraph_mode: str | None) -> list[dict]:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    cuda = torch.cuda.is_available()
+    compilation = {"cudagraph_mode": cudagraph_mode} if cudagraph_mode else None
+    llm = LLM(path, load_format="dummy", dtype="bfloat16" if cuda else "float32",
+              max_model_len=prompt_len + max_tokens + 64, gpu_memory_utilization=0.5 if cuda
+              else 0.3, max_num_seqs=max(batches), seed=0, enforce_eager=not cuda,
+              compilation_config=compilation)
+    steps = _instrument(llm)
+    block_length, n_steps = (int(x) for x in config.split(":"))
+    extra = {"policy": "static", "block_length": block_length, "steps": n_steps}
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                            detokenize=False, extra_args=extra if arch == "sdar" else None)
+    rows = []
+    for batch in batches:
+        prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 300 + 10
+                                                  for j in range(prompt_len)])
+                   for i in range(batch)]
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up
+        steps["n"] = 0
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        n = steps["n"]
+        steps["n"] = 0
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            llm.generate(prompts, params, use_tqdm=False)
+        rows.append({"engine": "ar" if arch == "qwen3" else "diffusion",
+                     "config": config if arch == "sdar" else "-", "batch": batch,
+                     "cudagraph_mode": cudagraph_mode or "default",
+                     "card": torch.cuda.get_device_name() if cuda else "cpu", "steps": n,
+                     "wall_ms_per_step": round(wall * 1e3 / n, 3),
+                     **_breakdown(prof, steps["n"])})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="qwen3-1.7b")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--configs", default="4:4,4:1", help="block_length:steps of the diffusion runs")
+    p.add_argument("--cudagraph-modes", default="default",
+                   help="diffusion runs per mode, e.g. 'PIECEWISE,default' (default: the plugin's)")
+    p.add_argument("--out", default="step_profile.json")
+    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:  # one engine in this process
+        path, arch, config, mode, out = a.worker
+        rows = run_engine(path, arch, config, a.batch, a.prompt_len, a.max_tokens,
+                          None if mode == "default" else mode)
+        Path(out).write_text(json.dumps(rows))
+        return
+    from throughput import write_shape
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        runs = [(write_shape(root, a.shape, "qwen3"), "qwen3", "1:1", "default")]
+        sdar = write_shape(root, a.shape, "sdar")
+        runs += [(sdar, "sdar", c, m) for m in a.cudagraph_modes.split(",")
+                 for c in a.configs.split(",")]
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        for i, (path, arch, config, mode) in enumerate(runs):
+            out = root / f"rows{i}.json"
+            cmd = [sys.executable, __file__, "--worker", path, arch, config, mode, str(out),
+                   "--batch", *map(str, a.batch), "--prompt-len", str(a.prompt_len),
+                   "--max-tokens", str(a.max_tokens)]
+            subprocess.run(cmd, env=env, check=True)
+            rows += json.loads(out.read_text())
+    print(f"\n{'engine':9} {'B:steps':7} {'graphs':10} {'batch':>5} {'wall ms':>8} "
+          + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'GPU busy':>8} {'idle':>7}")
+    for r in rows:
+        phases = " ".join(f"{r[p]['host_ms']:4.1f}/{r[p]['gpu_ms']:3.1f}" for p in PHASES)
+        print(f"{r['engine']:9} {r['config']:7} {r['cudagraph_mode']:10} {r['batch']:5d} "
+              f"{r['wall_ms_per_step']:8.2f} {phases} {r['gpu']['busy_ms']:8.2f} "
+              f"{r['gpu']['idle_ms']:7.2f}")
+    print("(phases: profiled host ms / GPU ms per step)")
+    Path(a.out).write_text(json.dumps({"shape": a.shape, "prompt_len": a.prompt_len,
+                                       "max_tokens": a.max_tokens, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
