@@ -103,7 +103,7 @@ def _breakdown(prof, steps: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_engine(path: str, arch: str, config: str, batches: list[int], prompt_len: int,
+def run_engine(path: str, arch: str, configs: list[str], batches: list[int], prompt_len: int,
                max_tokens: int, cudagraph_mode: str | None) -> list[dict]:
     import torch
     from vllm import LLM, SamplingParams
@@ -116,12 +116,12 @@ def run_engine(path: str, arch: str, config: str, batches: list[int], prompt_len
               else 0.3, max_num_seqs=max(batches), seed=0, enforce_eager=not cuda,
               compilation_config=compilation)
     steps = _instrument(llm)
-    block_length, n_steps = (int(x) for x in config.split(":"))
-    extra = {"policy": "static", "block_length": block_length, "steps": n_steps}
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                            detokenize=False, extra_args=extra if arch == "sdar" else None)
     rows = []
-    for batch in batches:
+    for config, batch in ((c, b) for c in configs for b in batches):
+        block_length, n_steps = (int(x) for x in config.split(":"))
+        extra = {"policy": "static", "block_length": block_length, "steps": n_steps}
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                detokenize=False, extra_args=extra if arch == "sdar" else None)
         prompts = [TokensPrompt(prompt_token_ids=[(7 * i + j) % 300 + 10
                                                   for j in range(prompt_len)])
                    for i in range(batch)]
@@ -160,8 +160,8 @@ def main() -> None:
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:  # one engine in this process
-        path, arch, config, mode, out = a.worker
-        rows = run_engine(path, arch, config, a.batch, a.prompt_len, a.max_tokens,
+        path, arch, configs, mode, out = a.worker
+        rows = run_engine(path, arch, configs.split(","), a.batch, a.prompt_len, a.max_tokens,
                           None if mode == "default" else mode)
         Path(out).write_text(json.dumps(rows))
         return
@@ -172,8 +172,7 @@ def main() -> None:
         root = Path(tmp)
         runs = [(write_shape(root, a.shape, "qwen3"), "qwen3", "1:1", "default")]
         sdar = write_shape(root, a.shape, "sdar")
-        runs += [(sdar, "sdar", c, m) for m in a.cudagraph_modes.split(",")
-                 for c in a.configs.split(",")]
+        runs += [(sdar, "sdar", a.configs, m) for m in a.cudagraph_modes.split(",")]
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
         for i, (path, arch, config, mode) in enumerate(runs):
             out = root / f"rows{i}.json"
