@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call on the GPU machine, after `.gpu-b/install.sh` (../shared/gpu/README.md):
+# installs the plugin (and pytest from carried wheels) into /tmp/site, then runs the named steps,
+# logs and JSON under $OUT.
+#
+#   bash scripts/gpu_run.sh [SRC_TGZ] STEP...
+#     kernels   the attention kernel tests, compiled
+#     tests     GPU engine tests with torch.compile and FULL CUDA graphs (BLOCKDIFF_TEST_COMPILE=1)
+#     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
+#     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256
+#
+# SRC_TGZ (optional, `git archive HEAD | gzip`): run that commit instead of the working tree.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+source .gpu-b/install.sh env
+if [[ ${1:-} == *.tgz ]]; then
+  mkdir -p /tmp/src && tar xzf "$1" -C /tmp/src && shift
+  wheels=$(ls "$PWD"/.gpu-src/*.whl 2>/dev/null)
+  cd /tmp/src
+else
+  wheels=$(ls .gpu-src/*.whl 2>/dev/null)
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . $wheels \
+  > "$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
+card=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+for step in "$@"; do
+  case $step in
+    kernels)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention_kernel.py \
+        > "$OUT/kernels_gpu.log" 2>&1
+      echo "kernels rc=$?"; tail -2 "$OUT/kernels_gpu.log" ;;
+    tests)
+      BLOCKDIFF_TEST_COMPILE=1 timeout 420 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_engine_parity.py $(ls tests/test_engine_determinism.py 2>/dev/null) \
+        tests/test_engine_structured.py > "$OUT/tests_gpu.log" 2>&1
+      echo "tests rc=$?"; tail -3 "$OUT/tests_gpu.log" ;;
+    profile)
+      (cd benchmarks && timeout 330 python3 step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
+        --configs 4:4,4:1 --cudagraph-modes PIECEWISE,default \
+        --out "$OUT/step_profile_$card.json") > "$OUT/step_profile.log" 2>&1
+      echo "profile rc=$?"; tail -14 "$OUT/step_profile.log" ;;
+    throughput)
+      (cd benchmarks && timeout 560 python3 throughput.py --shape qwen3-1.7b \
+        --max-tokens 64 --out "$OUT/throughput_$card.json") > "$OUT/throughput.log" 2>&1
+      echo "throughput rc=$?"; tail -32 "$OUT/throughput.log" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
