@@ -7,9 +7,16 @@ than patching blindly.
 
 from __future__ import annotations
 
-from vllm_blockdiff.patches import diffusion_sampling_params, diffusion_structured_outputs
+from vllm_blockdiff.patches import (
+    diffusion_sampling_params,
+    diffusion_structured_outputs,
+    earliest_stop_string,
+    early_validation,
+    token_ids,
+)
 
-PATCHES = (diffusion_sampling_params, diffusion_structured_outputs)
+PATCHES = (diffusion_sampling_params, diffusion_structured_outputs, token_ids,
+           early_validation, earliest_stop_string)
 
 
 def apply_patches() -> None:

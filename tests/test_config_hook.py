@@ -25,6 +25,7 @@ def test_published_layout_gets_block_length_4_and_the_tokenizers_mask(published_
     serve = cfg.model_config.hf_config.blockdiff
     assert serve["block_length"] == 4 and serve["max_block_length"] == 16
     assert serve["mask_token_id"] == 3  # "<|MASK|>" in the tokenizer, not in config.json
+    assert serve["vocab_size"] == cfg.model_config.hf_config.vocab_size  # bounds token-id options
     assert cfg.model_config.is_diffusion and cfg.diffusion_config.canvas_length == 16
     assert cfg.scheduler_config.scheduler_cls == SCHEDULER
     assert cfg.scheduler_config.async_scheduling is False
@@ -68,7 +69,8 @@ def test_bad_serve_settings_name_the_key(published_sdar, settings, key):
 
 
 @pytest.mark.parametrize("setting, vllm_backend, expected", [
-    (None, "auto", "xgrammar"),
+    (None, "auto", "auto"),  # the plugin's default: per request, the exact compiler
+    ("xgrammar", "auto", "xgrammar"),
     ("llguidance", "auto", "llguidance"),
     (None, "guidance", "llguidance"),  # vLLM's own option, if the plugin's is not set
     ("llguidance", "guidance", "llguidance"),

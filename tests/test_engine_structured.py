@@ -3,7 +3,8 @@
 A random model is the worst case: it proposes anything, anywhere. Every output must be a valid
 prefix of the constraint's language, and every output that ends by itself must be complete and
 valid (a run cut by max_tokens ends with finish_reason "length", as for AR models). Every test
-runs with each grammar backend (the serve setting `grammar_backend`).
+runs with each grammar backend (the serve setting `grammar_backend`: "auto", the default, picks
+llguidance or xgrammar per request).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import regex
 from vllm import SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
 
-from vllm_blockdiff.grammar import BACKENDS, CanvasConstraint, GrammarSpec, make_backend
+from vllm_blockdiff.grammar import BACKEND_NAMES, CanvasConstraint, GrammarSpec, make_backend
 from vllm_blockdiff.grammar.coverage import load_schema, output_errors
 
 pytestmark = pytest.mark.engine
@@ -26,15 +27,15 @@ SAMPLE = Path(__file__).parent / "data" / "jsonschemabench_sample"
 SCHEMAS = sorted(SAMPLE.glob("*/*.json"))
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=BACKEND_NAMES)
 def backend_name(request) -> str:
     return request.param
 
 
 @pytest.fixture(scope="module")
 def engine(request, backend_name, tiny_sdar):
-    """The session engine (xgrammar, the default), or one serving with llguidance."""
-    if backend_name == "xgrammar":
+    """The session engine ("auto", the default), or one serving with the backend named."""
+    if backend_name == "auto":
         yield request.getfixturevalue("llm")
         return
     from conftest import ENGINE_ARGS
@@ -48,7 +49,8 @@ def engine(request, backend_name, tiny_sdar):
 
 @pytest.fixture(scope="module")
 def backend(backend_name, tiny_sdar):
-    """The engine's grammar backend, to replay its outputs."""
+    """The engine's grammar backend, to replay its outputs (resolving a spec as the engine's API
+    side did, so "auto" replays with the compiler the engine chose)."""
     return make_backend(backend_name, tiny_sdar, vocab_size=384)
 
 
@@ -73,11 +75,16 @@ def test_jsonschemabench_sample(engine, backend, temperature):
     finished = 0
     for path, schema, out in zip(SCHEMAS, schemas, outs, strict=True):
         o = out.outputs[0]
-        spec = GrammarSpec.from_json(schema, any_whitespace=False)
+        spec = backend.resolve(GrammarSpec.from_json(schema, any_whitespace=False))
         assert is_valid_prefix(backend, spec, o.token_ids), path.name
+        # The response says which compiler ran and whether it approximated the schema.
+        assert out.kv_transfer_params["blockdiff"]["grammar"] == {
+            "backend": spec.backend, "approximated": spec.approximated,
+            "rewritten": spec.rewritten}, path.name
         if o.finish_reason == "stop":
             finished += 1
-            assert output_errors(o.text, schema) is None, (path.name, o.text)
+            if not spec.approximated:
+                assert output_errors(o.text, schema) is None, (path.name, o.text)
         else:
             assert o.finish_reason == "length"
     print(f"T={temperature}: {finished}/{len(schemas)} outputs completed within 160 tokens")
@@ -124,11 +131,14 @@ def test_constrained_and_free_requests_share_a_batch(engine):
 
 
 @pytest.mark.parametrize("constraint, messages", [
-    (dict(json={"type": "foo"}), dict(xgrammar='Unsupported type "foo"',
+    # "auto" reports xgrammar's message: it is tried after llguidance refuses.
+    (dict(json={"type": "foo"}), dict(xgrammar='Unsupported type "foo"', auto='type "foo"',
                                       llguidance="Invalid type: foo")),
     (dict(regex="(unclosed"), dict(xgrammar="parenthesis is not closed",
+                                   auto="parenthesis is not closed",
                                    llguidance="unclosed group")),
     (dict(grammar="root ::= undefined_rule"), dict(xgrammar="undefined_rule",
+                                                   auto="undefined_rule",
                                                    llguidance="undefined_rule")),
 ])
 def test_bad_constraints_fail_before_the_engine(engine, backend_name, constraint, messages):
@@ -140,3 +150,26 @@ def test_bad_constraints_fail_before_the_engine(engine, backend_name, constraint
     assert messages[backend_name] in str(info.value)
     assert engine.generate(["x"], SamplingParams(max_tokens=3, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_auto_falls_back_to_xgrammar_exactly(engine, backend_name):
+    """A schema llguidance refuses (propertyNames) runs on xgrammar, rewritten (the required
+    names under anyOf merged into the branches) and exact: every finished output is valid, and
+    each response says so."""
+    if backend_name != "auto":
+        pytest.skip("the default backend's choice")
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"url": {"type": "string", "maxLength": 8},
+                             "md5": {"type": "string", "pattern": "^[a-f0-9]{4}$"},
+                             "sha1": {"type": "string", "pattern": "^[a-f0-9]{5}$"}},
+              "propertyNames": {"maxLength": 4}, "required": ["url"],
+              "anyOf": [{"required": ["md5"]}, {"required": ["sha1"]}]}
+    outs = engine.generate(["JSON: "] * 8, [
+        SamplingParams(temperature=1.0, seed=s, max_tokens=64,
+                       structured_outputs=StructuredOutputsParams(json=schema))
+        for s in range(8)], use_tqdm=False)
+    for out in outs:
+        assert out.kv_transfer_params["blockdiff"]["grammar"] == {
+            "backend": "xgrammar", "approximated": False, "rewritten": True}
+        if out.outputs[0].finish_reason == "stop":
+            assert output_errors(out.outputs[0].text, schema) is None, out.outputs[0].text

@@ -22,6 +22,7 @@ import regex
 import torch
 
 from vllm_blockdiff.grammar import (
+    BACKEND_NAMES,
     BACKENDS,
     CanvasConstraint,
     ConstraintViolation,
@@ -165,7 +166,7 @@ def test_compile_is_cached_by_spec(tiny):
 
 
 def test_backend_names():
-    assert get_args(GrammarBackendName) == BACKENDS  # the serve setting's values
+    assert get_args(GrammarBackendName) == BACKEND_NAMES  # the serve setting's values
     with pytest.raises(ValueError, match="unknown grammar backend 'outlines'"):
         make_backend("outlines", None)
 

@@ -1,11 +1,13 @@
 """Each patch under patches/: what it changes in vLLM, shown by a test that fails without it."""
 
-from types import SimpleNamespace
+from pathlib import Path
+from types import MethodType, SimpleNamespace
 
 import pytest
 import vllm
 from vllm.sampling_params import SamplingParams
 
+from vllm_blockdiff.options import GRAMMAR_KEY
 from vllm_blockdiff.patches import PATCHES, apply_patches, diffusion_sampling_params
 
 SERVE = {"block_length": 4, "max_block_length": 16, "mask_token_id": 3}
@@ -73,3 +75,96 @@ def test_diffusion_structured_outputs_routes_grammars_to_the_plugin(tiny_sdar):
     original = SamplingParams._validate_structured_outputs.__wrapped__
     with pytest.raises(ValueError, match="not yet supported for diffusion"):
         original(vllm_only, model, StructuredOutputsConfig(), tok)  # vLLM 0.26 alone
+
+
+def test_diffusion_sampling_params_refuses_a_clients_grammar_key(tiny_sdar):
+    """Only the plugin sets GRAMMAR_KEY (to a GrammarSpec); a client's value would reach a worker
+    and fail there. The plugin's own key passes a second verification (one SamplingParams is
+    verified once per prompt offline, and before a stream starts and again when added)."""
+    from transformers import AutoTokenizer
+    from vllm.sampling_params import StructuredOutputsParams
+
+    for forged in ('{"kind": "regex", "source": "a"}', "{}", 3, {"kind": "regex"}):
+        with pytest.raises(ValueError, match=rf"^vllm_xargs\.{GRAMMAR_KEY}: set by the server"):
+            SamplingParams(extra_args={GRAMMAR_KEY: forged})._validate_diffusion(_model())
+    model = _model()
+    model.get_vocab_size = lambda: 384
+    routed = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    routed._validate_diffusion(model)
+    routed._validate_structured_outputs(model, None, AutoTokenizer.from_pretrained(tiny_sdar))
+    routed._validate_diffusion(model)  # verified again: the plugin's key is accepted
+
+
+TESTBED = Path(__file__).parents[1] / "examples" / "models" / "sdar-testbed"
+TESTBED_VOCAB = 768
+
+
+def _input_processor(tokenizer=None):
+    """The parts of vLLM's InputProcessor its checks read, for a block-diffusion model."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    model = _model()
+    model.max_logprobs, model.logits_processors = 20, None
+    model.get_vocab_size = lambda: TESTBED_VOCAB
+    processor = SimpleNamespace(model_config=model, tokenizer=tokenizer, speculative_config=None,
+                                structured_outputs_config=None,
+                                _validate_prompt_len=lambda length, kind: None)
+    for name in ("_validate_model_input", "_validate_model_inputs"):
+        setattr(processor, name, MethodType(getattr(InputProcessor, name), processor))
+    return processor
+
+
+def test_token_ids_refuses_prompt_ids_past_the_vocabulary():
+    from transformers import AutoTokenizer
+    from vllm.tokenizers.hf import get_cached_tokenizer
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    tokenizer = get_cached_tokenizer(AutoTokenizer.from_pretrained(TESTBED))
+    assert tokenizer.max_token_id == TESTBED_VOCAB  # vLLM's off-by-one: a size, not an id
+    processor = _input_processor(tokenizer)
+    check = InputProcessor._validate_model_input
+    past = {"type": "token", "prompt_token_ids": [10, TESTBED_VOCAB, 11]}
+    check.__wrapped__(processor, past, "decoder")  # vLLM 0.26 alone lets it through
+    with pytest.raises(ValueError, match=f"^prompt: token id {TESTBED_VOCAB} is out of vocab"):
+        check(processor, past, "decoder")
+    check(processor, {"type": "token", "prompt_token_ids": [0, TESTBED_VOCAB - 1]}, "decoder")
+    for ids in ([10, TESTBED_VOCAB], [-1, 10]):  # no tokenizer (skip_tokenizer_init): unchecked
+        without_tokenizer = _input_processor()
+        check.__wrapped__(without_tokenizer, {"type": "token", "prompt_token_ids": ids}, "decoder")
+        with pytest.raises(ValueError, match="^prompt: token id .* is out of vocabulary"):
+            check(without_tokenizer, {"type": "token", "prompt_token_ids": ids}, "decoder")
+
+
+@pytest.mark.parametrize("ids", [[2**63], [2**64], [-1], [5, TESTBED_VOCAB]])
+@pytest.mark.parametrize("diffusion", [True, False])  # a block-diffusion model, an AR one
+def test_token_ids_refuses_stop_ids_past_the_vocabulary(ids, diffusion):
+    """The workers hold stop ids in int64 tensors: 2**63 killed the engine (AR models too, with
+    min_tokens), 2**64 failed to encode (HTTP 500)."""
+    model = _input_processor().model_config
+    if not diffusion:
+        model.is_diffusion = False
+        del model.hf_config.blockdiff
+    params = SamplingParams(temperature=0.0, stop_token_ids=ids)
+    SamplingParams.verify.__wrapped__(params, model, None, None, None)  # vLLM 0.26 alone
+    with pytest.raises(ValueError, match=r"^stop_token_ids: token id .* is out of vocabulary"):
+        params.verify(model, None, None, None)
+
+
+def test_early_validation_refuses_when_generate_is_called():
+    """vLLM 0.26 validates a request on the first iteration of `AsyncLLM.generate`, which a
+    streamed response runs after sending HTTP 200; patched, calling `generate()` raises."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = SimpleNamespace(input_processor=_input_processor())
+    prompt = {"type": "token", "prompt_token_ids": [10, 11]}
+    huge_steps = {"policy": "static", "steps": 2**63}
+    refused = [(prompt, SamplingParams(logprobs=1), "^logprobs: not supported"),
+               (prompt, SamplingParams(temperature=0.0, extra_args=huge_steps),
+                r"vllm_xargs\.steps"),
+               ({"type": "token", "prompt_token_ids": [10, TESTBED_VOCAB]},
+                SamplingParams(temperature=0.0), "out of vocabulary")]
+    for bad_prompt, params, message in refused:
+        AsyncLLM.generate.__wrapped__(engine, bad_prompt, params, "r")  # nothing checked yet
+        with pytest.raises(ValueError, match=message):
+            AsyncLLM.generate(engine, bad_prompt, params, "r")
+    AsyncLLM.generate(engine, prompt, SamplingParams(temperature=0.0), "r")

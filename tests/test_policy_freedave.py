@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vllm_blockdiff.engine.validation import validate_request
+from vllm_blockdiff.grammar import GrammarSpec
 from vllm_blockdiff.options import GRAMMAR_KEY, OptionsError
 from vllm_blockdiff.policies import POLICIES
 from vllm_blockdiff.policies.freedave import draft_fill, draft_order, static_step, verify
@@ -118,7 +119,8 @@ def test_freedave_is_greedy_and_unconstrained():
     with pytest.raises(OptionsError, match="^temperature"):
         validate_request(_params(temperature=0.7), hf)
     with pytest.raises(OptionsError, match="^structured_outputs"):
-        validate_request(_params(extra={GRAMMAR_KEY: "{}"}), hf)
+        # a grammar the plugin moved out of structured_outputs (a re-verified request)
+        validate_request(_params(extra={GRAMMAR_KEY: GrammarSpec(kind="json_object")}), hf)
     with pytest.raises(OptionsError, match=r"vllm_xargs\.drafts"):
         validate_request(_params(extra={"drafts": 0}), hf)
     assert POLICIES["freedave"].verifies_drafts

@@ -7,6 +7,7 @@ code): the plugin must find the mask token in the tokenizer and serve it with no
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from vllm_blockdiff.options import GRAMMAR_KEY
 from vllm_blockdiff.policies import POLICIES
 
 pytestmark = pytest.mark.server
@@ -92,32 +94,64 @@ def test_chat_completion_streamed_and_not(server):
     assert streamed == full and full
 
 
-@pytest.mark.parametrize(
-    "xargs, field",
-    [
-        ({"policy": "nonsense"}, "policy"),
-        ({"threshold": "high"}, "threshold"),
-        ({"block_length": 999}, "block_length"),
-        ({"policy": "static", "threshold": 0.5}, "threshold"),
+BAD_XARGS = [
+    ({"policy": "nonsense"}, "policy"),
+    ({"threshold": "high"}, "threshold"),
+    ({"block_length": 999}, "block_length"),
+    ({"policy": "static", "threshold": 0.5}, "threshold"),
+    ({"policy": "tccf"}, "marker"),
+    ({"policy": "tccf", "marker": 5, "fine_block_length": 3}, "fine_block_length"),
+    ({"policy": "freedave", "drafts": 0}, "drafts"),
+    ({"policy": "adablock", "delimiter": -1}, "delimiter"),
+    ({"policy": "learn2pd", "filter": "/etc/hostname"}, "filter"),
+    ({"policy": "entropy", "gamma": "inf"}, "gamma"),
+    ({GRAMMAR_KEY: '{"kind": "regex", "source": "a"}'}, GRAMMAR_KEY),  # the plugin's internal key
+    # Integers past int64 (the workers' tensors overflowed: the engine died) or past msgpack's
+    # uint64 (HTTP 500).
+    *[({**xargs, field: huge}, field) for huge in (2**63, 2**64) for xargs, field in [
+        ({}, "block_length"),
+        ({"policy": "static"}, "steps"),
+        ({"policy": "dynamic"}, "steps"),
+        ({"policy": "localleap"}, "radius"),
+        ({"policy": "ete"}, "explore"),
         ({"policy": "tccf"}, "marker"),
-        ({"policy": "tccf", "marker": 5, "fine_block_length": 3}, "fine_block_length"),
-        ({"policy": "freedave", "drafts": 0}, "drafts"),
-        ({"policy": "adablock", "delimiter": -1}, "delimiter"),
-        ({"policy": "learn2pd", "filter": "/etc/hostname"}, "filter"),
-    ],
-)
-def test_bad_options_get_400_while_others_are_served(server, xargs, field):
+        ({"policy": "tccf", "marker": 5}, "fine_block_length"),
+        ({"policy": "adablock"}, "delimiter"),
+        ({"policy": "freedave"}, "drafts"),
+    ]],
+]
+# (request fields, what the 400 says); a callable gets the model's vocabulary size. Streamed
+# requests must be refused before the stream starts, as the others are.
+BAD_REQUESTS = [
+    *[({"extra_body": {"vllm_xargs": xargs}}, f"vllm_xargs.{field}") for xargs, field in BAD_XARGS],
+    ({"prompt": lambda vocab: [10, vocab, 11]}, "prompt: token id"),  # vLLM's own off-by-one
+    ({"extra_body": {"stop_token_ids": [2**63]}}, "stop_token_ids: token id"),
+    ({"logprobs": 1, "stream": True}, "logprobs"),
+    ({"stream": True, "extra_body": {"vllm_xargs": {"policy": "static", "steps": 2**63}}},
+     "vllm_xargs.steps"),
+    ({"stream": True, "prompt": lambda vocab: [vocab]}, "prompt: token id"),
+]
+
+
+@pytest.fixture(scope="module")
+def vocab_size(published_sdar) -> int:
+    return json.loads((Path(published_sdar) / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize("bad, message", BAD_REQUESTS)
+def test_bad_options_get_400_while_others_are_served(server, vocab_size, bad, message):
     _, client = server
     model = client.models.list().data[0].id
     good = dict(model=model, prompt="x = 1\n", max_tokens=16, temperature=0,
                 extra_body={"ignore_eos": True})
+    request = {"model": model, "prompt": "x", "max_tokens": 4,
+               **{k: v(vocab_size) if callable(v) else v for k, v in bad.items()}}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         goods = [pool.submit(client.completions.create, **good) for _ in range(3)]
         with pytest.raises(openai.BadRequestError) as err:
-            client.completions.create(model=model, prompt="x", max_tokens=4,
-                                      extra_body={"vllm_xargs": xargs})
+            client.completions.create(**request)
         assert err.value.status_code == 400
-        assert f"vllm_xargs.{field}" in str(err.value)
+        assert message in str(err.value)
         assert all(len(g.result().choices[0].text) > 0 for g in goods)
 
 
@@ -142,8 +176,6 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
 
 
 def test_response_format_json_schema_streamed_and_not(server):
-    import json
-
     import jsonschema
 
     _, client = server

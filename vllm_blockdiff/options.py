@@ -8,9 +8,12 @@ keys plus `max_block_length`. Every error names the offending field.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect as mi
 
 from vllm_blockdiff.policies import POLICIES
 
@@ -18,8 +21,8 @@ REQUEST_KEYS = ("policy", "block_length")
 # Set by the plugin itself (not by clients): the request's grammar, moved out of vLLM's
 # structured-output fields by the API-server validation (`engine/validation.py`).
 GRAMMAR_KEY = "_blockdiff_grammar"
-# Structured-output backends (`vllm_blockdiff.grammar.BACKENDS`).
-GrammarBackendName = Literal["xgrammar", "llguidance"]
+# Structured-output backends (`vllm_blockdiff.grammar.BACKEND_NAMES`).
+GrammarBackendName = Literal["auto", "xgrammar", "llguidance"]
 
 
 class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
@@ -37,7 +40,10 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     # max_block_length, one block.
     canvas_length: int = 0
     # Compiles and enforces structured outputs, in the API server and in the workers.
-    grammar_backend: GrammarBackendName = "xgrammar"
+    grammar_backend: GrammarBackendName = "auto"
+    # Token-id options (`TokenId`, e.g. `marker`) lie below it. The config hook sets the model's;
+    # the default bounds them only by the int64 the workers hold them in.
+    vocab_size: int = 2**63
 
     def __post_init__(self) -> None:
         if self.canvas_length < self.max_block_length:
@@ -81,6 +87,37 @@ def _convert(value: dict[str, Any], cls: type[msgspec.Struct], where: str) -> ms
         raise _field_error(field, text.split(" - at ")[0]) from None
 
 
+@functools.cache
+def _field_types(cls: type[msgspec.Struct]) -> tuple[tuple[str, mi.Type], ...]:
+    """Each field's type as msgspec sees it, without the `None` of an optional one."""
+    def present(t: mi.Type) -> mi.Type:
+        if isinstance(t, mi.UnionType):
+            return next(u for u in t.types if not isinstance(u, mi.NoneType))
+        return t
+
+    return tuple((f.name, present(f.type)) for f in mi.type_info(cls).fields)
+
+
+def _check_serve_bounds(params: msgspec.Struct, serve: ServeConfig) -> None:
+    """What msgspec's constant constraints cannot say: floats are finite, and integers stay
+    within the serve setting their type names (`policies.base.BlockBounded`, `TokenId`).
+
+    The workers hold parameters in int64 / float32 tensors, so an unchecked 2**63 or inf fails
+    there and takes the engine down instead of one request.
+    """
+    for name, t in _field_types(type(params)):
+        value = getattr(params, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _field_error(name, f"Expected a finite `float`, got {value}")
+        extra = (t.extra or {}) if isinstance(t, mi.Metadata) else {}
+        if value is None or not extra:
+            continue
+        if (setting := extra.get("at_most")) and value > (bound := getattr(serve, setting)):
+            raise _field_error(name, f"Expected `int` <= {bound} (the server's {setting})")
+        if (setting := extra.get("below")) and value >= (bound := getattr(serve, setting)):
+            raise _field_error(name, f"Expected `int` < {bound} (the model's {setting})")
+
+
 def resolve_options(extra_args: dict[str, Any] | None, serve: ServeConfig) -> DecodeOptions:
     """Merge a request's `extra_args` over the serve-time defaults and validate the result."""
     args = dict(extra_args or {})
@@ -118,6 +155,7 @@ def resolve_options(extra_args: dict[str, Any] | None, serve: ServeConfig) -> De
         )
     merged = {k: v for k, v in serve.policy_defaults.items() if k in fields} | args
     params = _convert(merged, policy.params_cls, policy_name)
+    _check_serve_bounds(params, serve)
     fine = getattr(params, "fine_block_length", None)
     if fine is not None and block_length % fine:
         raise _field_error("fine_block_length", f"must divide block_length ({block_length})")

@@ -44,7 +44,8 @@ class ServeSettings(msgspec.Struct, forbid_unknown_fields=True):
     canvas_length: int | None = None
     policy: str | None = None
     mask_token_id: int | None = None
-    # "xgrammar" or "llguidance"; default: vLLM's --structured-outputs-config.backend, else xgrammar
+    # "auto", "xgrammar" or "llguidance"; default: vLLM's --structured-outputs-config.backend,
+    # else "auto" (per request, whichever enforces the constraint exactly: grammar/auto.py)
     grammar_backend: GrammarBackendName | None = None
 
 
@@ -67,7 +68,7 @@ def _split_settings(raw: dict[str, Any]) -> tuple[ServeSettings, dict[str, Any]]
 def resolve_grammar_backend(settings: ServeSettings, vllm_config: VllmConfig
                             ) -> GrammarBackendName:
     """The serve setting, else vLLM's own backend option (`guidance` is llguidance), else
-    xgrammar. The plugin enforces structured outputs itself (on the canvas), so a vLLM backend
+    "auto". The plugin enforces structured outputs itself (on the canvas), so a vLLM backend
     it has no canvas matcher for, or one that contradicts the setting, is refused."""
     vllm_name = vllm_config.structured_outputs_config.backend
     if vllm_name not in VLLM_GRAMMAR_BACKENDS:
@@ -78,7 +79,7 @@ def resolve_grammar_backend(settings: ServeSettings, vllm_config: VllmConfig
     if chosen is not None and from_vllm not in (None, chosen):
         raise ValueError(f"additional_config.blockdiff.grammar_backend ({chosen!r}) contradicts "
                          f"--structured-outputs-config.backend {vllm_name}")
-    return chosen or from_vllm or "xgrammar"
+    return chosen or from_vllm or "auto"
 
 
 def load_tokenizer(vllm_config: VllmConfig) -> Any:
@@ -153,6 +154,7 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             block_length_divides=_prefix_cache_page(vllm_config, block_length),
             canvas_length=canvas_length,
             grammar_backend=resolve_grammar_backend(settings, vllm_config),
+            vocab_size=model_config.get_vocab_size(),
         )
         resolve_options(None, serve)  # the defaults themselves must be a valid request
 

@@ -3,13 +3,21 @@
 Each forward gives logits for the masked remainder of every request's current block (the canvas,
 scheduled as draft tokens). Per step and request the sampler
   1. proposes a token and its confidence at every canvas position, with the request's own
-     temperature / top-k / top-p / seed (vLLM's sampling states and Gumbel sampler),
+     temperature / top-k / top-p / seed (vLLM's sampling states and Gumbel sampler). Each logit
+     row sees only its own request's parameters: greedy rows are an argmax of logits no other
+     row's temperature, filters or noise touched, so a greedy request's output does not depend
+     on what shares its batch,
   2. asks the request's policy which masked positions to commit,
   3. emits the committed positions that are contiguous with the emitted text (vLLM then applies
      EOS, stop tokens, stop strings and max_tokens token by token, exactly as for AR models),
   4. reports `num_rejected` so that vLLM keeps only KV computed from final tokens: everything up
      to the current block's start. A finished block is therefore recomputed once more, fused with
      the first denoising step of the next block (block-causal attention makes that one forward).
+
+Per step: the host plans from the scheduler's counts (numpy), uploads the plan in one copy and
+groups requests by policy; proposals, commits and emission are tensor work over all logit rows
+and canvases, one policy call per policy present; the only host syncs are for grammars (masks
+and runs: host work per constrained request) and TCCF markers.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.sample.gumbel import gumbel_sample
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 from vllm.v1.worker.gpu.sample.sampler import Sampler
+from vllm.v1.worker.gpu.sample.states import SamplingStates
 from vllm.v1.worker.gpu.states import RequestState
 
 from vllm_blockdiff.engine.block_state import BlockStates
@@ -76,7 +85,8 @@ def fill_masks(constraints: list, masks: torch.Tensor,
 class StepPlan:
     """Host-side plan of one step, derived from the scheduler's token counts."""
 
-    def __init__(self, input_batch: InputBatch, states: BlockStates, max_model_len: int):
+    def __init__(self, input_batch: InputBatch, states: BlockStates, max_model_len: int,
+                 sampling: SamplingStates):
         r = input_batch.num_reqs
         self.slots = input_batch.idx_mapping_np[:r]
         query = input_batch.num_scheduled_tokens[:r].astype(np.int64)
@@ -107,6 +117,13 @@ class StepPlan:
         self.drafting = states.verifies_drafts_np[self.slots]
         self.verify = self.denoise & self.drafting
         self.fresh = self.drafts == 0  # prefill chunk: the block starts over
+        # Logit rows (one per draft token) of greedy requests, and of requests that filter their
+        # proposals with top-k / top-p (never greedy ones: SamplingParams resets them).
+        self.greedy_row = np.repeat(sampling.temperature.np[self.slots] == 0.0, self.drafts)
+        self.sampled_rows = np.flatnonzero(~self.greedy_row)
+        self.filtered = ((sampling.top_k.np[self.slots] != sampling.vocab_size)
+                         | (sampling.top_p.np[self.slots] != 1.0))
+        self.filter_rows = np.flatnonzero(np.repeat(self.filtered, self.drafts))
 
 
 @dataclass
@@ -142,6 +159,8 @@ class _Device(NamedTuple):
     drafts_col: torch.Tensor  # ... block offset ...
     drafts_logit: torch.Tensor  # ... and index into the logits
     num_drafts: torch.Tensor  # drafts each request ran
+    greedy_row: torch.Tensor  # [logit rows] bool: the row's request is greedy
+    filter_rows: torch.Tensor  # logit rows whose request uses top-k / top-p
 
 
 class BlockDiffusionSampler:
@@ -190,14 +209,14 @@ class BlockDiffusionSampler:
         parts = [plan.slots, plan.offset, plan.block_length, plan.denoise, plan.fresh,
                  plan.num_rejected, rows_req[keep], rows_col[keep], np.flatnonzero(keep),
                  rows_req, rows_req[drafts], rows_k[drafts], rows_col[drafts],
-                 np.flatnonzero(drafts), plan.num_drafts]
+                 np.flatnonzero(drafts), plan.num_drafts, plan.greedy_row, plan.filter_rows]
         flat = np.concatenate([np.asarray(a, dtype=np.int64) for a in parts])
         views = torch.split(self._staging.to_device(flat), [len(a) for a in parts])
         return _Device(views[0], views[1], views[2], views[3].bool(), views[4].bool(),
-                       views[5].to(torch.int32), *views[6:])
+                       views[5].to(torch.int32), *views[6:-2], views[-2].bool(), views[-1])
 
     def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
-        plan = StepPlan(input_batch, self.states, self.max_model_len)
+        plan = StepPlan(input_batch, self.states, self.max_model_len, self.sampling_states)
         device = logits.device
         states = self.states
         cl = self.canvas_length
@@ -242,11 +261,14 @@ class BlockDiffusionSampler:
         )
 
     def _propose(self, logits: torch.Tensor, input_batch: InputBatch, plan: StepPlan,
-                 row_step: torch.Tensor, need_entropy: bool
+                 d: _Device, row_step: torch.Tensor, need_entropy: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token, confidence (and entropy) of every logit row, with each request's sampling
-        params; `row_step` is each row's denoising step."""
-        ss = self.sampling_states
+        params; `row_step` is each row's denoising step.
+
+        Every operation is row by row and touches only rows whose request asks for it, so a
+        row's proposal is the same whatever shares the batch (for greedy rows bit for bit).
+        """
         idx = input_batch.expanded_idx_mapping
         idx_np = input_batch.idx_mapping_np
         logits = logits.float()
@@ -254,32 +276,62 @@ class BlockDiffusionSampler:
         self._mask_grammar_rows(logits, input_batch, plan)
         pos = input_batch.positions[input_batch.logits_indices]
         self.base.logit_bias_state.apply_logit_bias(logits, idx, idx_np, pos)
-        ss.apply_temperature(logits, idx, idx_np)
-        ss.apply_min_p(logits, idx, idx_np)
-        top_k, top_p = ss.get_top_k_top_p(idx, idx_np)
-        if logits.is_cuda:
-            logits = apply_top_k_top_p(logits, top_k, top_p)
-        elif top_k is not None or top_p is not None:  # vLLM's Triton version needs a GPU
-            logits = apply_top_k_top_p_pytorch(logits, top_k, top_p, allow_cpu_sync=True)
-        if np.all(ss.temperature.np[idx_np] == 0.0):
-            tokens = logits.argmax(-1)
-        else:
-            # Seeded Gumbel noise is keyed by (seed, offset): vary it with the denoising step so
-            # a position re-sampled in a later step draws fresh noise.
-            rng_pos = pos.long() + row_step * self.max_model_len
-            if logits.is_cuda:
-                tokens = gumbel_sample(logits, idx, ss.temperature.gpu, ss.seeds.gpu, rng_pos,
-                                       apply_temperature=False)
-            else:  # Triton's interpreter lacks the libdevice call vLLM's kernel uses
-                tokens = _gumbel_sample_host(logits, ss.seeds.np[idx.cpu().numpy()],
-                                             rng_pos.cpu().numpy())
-        lse = logits.logsumexp(-1)
-        confidence = (logits.gather(-1, tokens[:, None]).squeeze(-1) - lse).exp()
+        tokens = logits.argmax(-1)  # greedy rows' proposals (the first maximum on ties)
+        if plan.sampled_rows.size:
+            logits, tokens = self._sample(logits, input_batch, plan, d, pos, row_step, tokens)
+        # log_softmax reduces each row on its own (the reference decoder's formula); a
+        # logsumexp's vocab reduction is split by the row count (CUDA; CPU at one row). The
+        # entropy's sum still is, on CUDA: its last bits can follow the batch shape.
+        logp = logits.log_softmax(-1)
+        confidence = logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
         entropy = None
         if need_entropy:
-            p = (logits - lse[:, None]).exp()
-            entropy = lse - (p * logits.nan_to_num(neginf=0.0)).sum(-1)
+            entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
         return tokens, confidence, entropy
+
+    def _sample(self, logits: torch.Tensor, input_batch: InputBatch, plan: StepPlan,
+                d: _Device, pos: torch.Tensor, row_step: torch.Tensor, tokens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temperature, min-p, top-k / top-p and seeded Gumbel noise for the sampled rows;
+        greedy rows keep `tokens` and their logits (vLLM's temperature and min-p kernels skip
+        rows with temperature 0 and min-p 0, as SamplingParams sets for greedy requests)."""
+        ss = self.sampling_states
+        idx = input_batch.expanded_idx_mapping
+        idx_np = input_batch.idx_mapping_np
+        ss.apply_temperature(logits, idx, idx_np)
+        ss.apply_min_p(logits, idx, idx_np)
+        logits = self._top_k_top_p(logits, idx, plan, d)
+        # Seeded Gumbel noise is keyed by (seed, offset): vary it with the denoising step so a
+        # position re-sampled in a later step draws fresh noise.
+        rng_pos = pos.long() + row_step * self.max_model_len
+        if logits.is_cuda:  # the kernel adds no noise to greedy rows; their argmax stays ours
+            sampled = gumbel_sample(logits, idx, ss.temperature.gpu, ss.seeds.gpu, rng_pos,
+                                    apply_temperature=False)
+            return logits, torch.where(d.greedy_row, tokens, sampled)
+        # Triton's interpreter lacks the libdevice call vLLM's kernel uses.
+        rows = torch.from_numpy(plan.sampled_rows)
+        tokens[rows] = _gumbel_sample_host(logits[rows], ss.seeds.np[idx[rows].numpy()],
+                                           rng_pos[rows].numpy())
+        return logits, tokens
+
+    def _top_k_top_p(self, logits: torch.Tensor, idx: torch.Tensor, plan: StepPlan,
+                     d: _Device) -> torch.Tensor:
+        """vLLM's top-k / top-p on the rows of requests that use them, only: on a whole batch
+        its PyTorch version also rewrites the other rows (their zero-probability tail)."""
+        if not plan.filter_rows.size:
+            return logits
+        every = plan.filter_rows.size == logits.shape[0]
+        rows = logits if every else logits[d.filter_rows]
+        top_k, top_p = self.sampling_states.get_top_k_top_p(
+            idx if every else idx[d.filter_rows], plan.slots[plan.filtered])
+        if rows.is_cuda:
+            rows = apply_top_k_top_p(rows, top_k, top_p)
+        else:  # vLLM's Triton version needs a GPU
+            rows = apply_top_k_top_p_pytorch(rows, top_k, top_p, allow_cpu_sync=True)
+        if every:
+            return rows
+        logits[d.filter_rows] = rows
+        return logits
 
     def _constrained(self, plan: StepPlan) -> list[int]:
         """Batch indices of denoising requests with a grammar."""
@@ -354,7 +406,7 @@ class BlockDiffusionSampler:
             groups.setdefault(states.options[plan.slots[i]].policy, []).append(int(i))
         need_entropy = any(POLICIES[name].needs_entropy for name in groups)
         row_step = step[d.logit_req]
-        tokens, confidence, entropy = self._propose(logits, input_batch, plan, row_step,
+        tokens, confidence, entropy = self._propose(logits, input_batch, plan, d, row_step,
                                                     need_entropy)
 
         # Scatter the denoising requests' logit rows onto [request, block offset] grids.

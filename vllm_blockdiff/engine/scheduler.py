@@ -26,6 +26,7 @@ from vllm_blockdiff.engine.block_switch import (
     marker_of,
     switch_position,
 )
+from vllm_blockdiff.engine.validation import grammar_of
 from vllm_blockdiff.options import resolve_options, serve_config_of
 
 
@@ -148,5 +149,11 @@ class BlockDiffusionScheduler(Scheduler):
                 # recomputation of a finished block riding on the next block's first step
                 "forwards_per_block": round((progress.forwards - 1) / max(blocks, 1), 4),
             }
+            params = request.sampling_params
+            if params is not None and (spec := grammar_of(params.extra_args)) is not None:
+                # Which compiler enforced the constraint, and whether its grammar may admit
+                # outputs the schema rejects (decided in the API server: grammar/auto.py).
+                stats["grammar"] = {"backend": spec.backend, "approximated": spec.approximated,
+                                    "rewritten": spec.rewritten}
             kv_params = {**(kv_params or {}), "blockdiff": stats}
         return kv_params, ec_params

@@ -1,28 +1,37 @@
-"""Grammar backends behind a small interface: compile a spec once, then one matcher per request.
+"""Grammar backends behind a small interface: resolve and compile a spec, one matcher per request.
 
 The canvas logic (`canvas.py`) only needs a matcher that accepts a token, rolls back, fills a
 token bitmask and names the text the grammar forces next; `XGrammarBackend` provides that with
-xgrammar, `LLGuidanceBackend` (`llguidance_backend.py`) with llguidance. `make_backend` picks
-one by name (the serve setting `grammar_backend`).
+xgrammar, `LLGuidanceBackend` (`llguidance_backend.py`) with llguidance, and `AutoBackend`
+(`auto.py`, the default) with whichever of the two enforces a request's constraint exactly.
+`make_backend` picks one by name (the serve setting `grammar_backend`).
+
+The API server resolves each request's spec (`resolve`: compiles it or raises, and records the
+backend, any schema rewrite and whether the grammar approximates the schema); the workers compile
+the resolved spec, so both sides always agree on the grammar.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 import torch
 import xgrammar as xgr
 
 from vllm_blockdiff.grammar import bitmask as bitmask_ops
+from vllm_blockdiff.grammar.schema_rewrite import rewritten_spec
 from vllm_blockdiff.grammar.spec import GrammarError, GrammarSpec, choice_ebnf
+from vllm_blockdiff.grammar.xgrammar_gaps import xgrammar_gaps
 
 
 class Matcher(Protocol):
@@ -54,14 +63,21 @@ class Matcher(Protocol):
 
 
 class GrammarBackend(Protocol):
+    name: str  # the serve setting's value: "auto", "xgrammar", "llguidance"
     vocab_size: int  # the model's (bitmask width in tokens); may exceed the tokenizer's
     stop_token_ids: tuple[int, ...]  # default stop tokens a complete sentence may end with
 
     def validate(self, spec: GrammarSpec) -> None:
         """Cheap check that `spec` compiles (no vocabulary pass); raises GrammarError."""
 
+    def resolve(self, spec: GrammarSpec) -> GrammarSpec:
+        """`validate`, then the spec to compile: `backend` named, a JSON schema possibly
+        rewritten (`rewritten`), `approximated` where the grammar may admit outputs the schema
+        rejects. Cached by spec; raises GrammarError."""
+
     def compile(self, spec: GrammarSpec) -> Any:
-        """Compile (cached by spec); raises GrammarError naming the spec's field."""
+        """Compile the resolved spec (resolving it first if undecided; cached by spec); raises
+        GrammarError naming the spec's field."""
 
     def matcher(self, compiled: Any, stop_token_ids: Sequence[int] | None = None) -> Matcher:
         """A fresh matcher; `stop_token_ids` overrides the backend's default stop tokens."""
@@ -201,9 +217,31 @@ class XGrammarMatcher:
         self._m.reset()
 
 
+class LRUCache:
+    """Thread-safe least-recently-used values by key, computed on a miss outside the lock."""
+
+    def __init__(self, size: int):
+        self._values: OrderedDict[Hashable, Any] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            if key in self._values:
+                self._values.move_to_end(key)
+                return self._values[key]
+        value = compute(key)
+        with self._lock:
+            self._values[key] = value
+            while len(self._values) > self._size:
+                self._values.popitem(last=False)
+        return value
+
+
 class CachingBackend(ABC):
     """What every backend shares: one tokenizer + model vocabulary, default stop tokens, the ids
-    never allowed, and a thread-safe compile cache keyed by spec (subclasses `_compile`).
+    never allowed, and thread-safe caches of resolved and compiled specs (subclasses `_resolve`
+    and `_compile`).
 
     `vocab_size` is the model's (lm_head rows); ids past the tokenizer are never allowed.
     `stop_token_ids` are the ids a complete sentence may end with (the model's EOS ids, primary
@@ -211,6 +249,9 @@ class CachingBackend(ABC):
     `excluded_token_ids` are never allowed either (the diffusion mask token, should a tokenizer
     not flag it special).
     """
+
+    name = ""
+    compiles: frozenset[str] = frozenset()  # the `GrammarSpec.backend` values it compiles
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None,
                  stop_token_ids: Sequence[int] | None = None,
@@ -223,25 +264,28 @@ class CachingBackend(ABC):
             stop_token_ids = [self.tokenizer.eos_token_id]
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
         self.blocked = blocked_ids(self.tokenizer, self.vocab_size, excluded_token_ids)
-        self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self._resolved = LRUCache(cache_size)
+        self._compiled = LRUCache(cache_size)
+
+    def resolve(self, spec: GrammarSpec) -> GrammarSpec:
+        if spec.backend:
+            return spec
+        return self._resolved.get(spec, self._resolve)
 
     def compile(self, spec: GrammarSpec) -> Any:
-        with self._lock:
-            if spec in self._cache:
-                self._cache.move_to_end(spec)
-                return self._cache[spec]
-        compiled = self._compile(spec)
-        with self._lock:
-            self._cache[spec] = compiled
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return compiled
+        spec = self.resolve(spec)
+        if spec.backend not in self.compiles:
+            # The API server resolved it for another backend than the workers serve with.
+            raise GrammarError(spec.field, f"resolved for {spec.backend}, not {self.name}")
+        return self._compiled.get(spec, self._compile)
+
+    @abstractmethod
+    def _resolve(self, spec: GrammarSpec) -> GrammarSpec:
+        """Resolve an undecided `spec` (uncached); raises GrammarError."""
 
     @abstractmethod
     def _compile(self, spec: GrammarSpec) -> Any:
-        """Compile `spec` (uncached); raises GrammarError naming the spec's field."""
+        """Compile a resolved `spec` (uncached); raises GrammarError naming the spec's field."""
 
     def _stops(self, stop_token_ids: Sequence[int] | None) -> tuple[int, ...]:
         return self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
@@ -251,7 +295,15 @@ class CachingBackend(ABC):
 
 
 class XGrammarBackend(CachingBackend):
-    """`GrammarBackend` with xgrammar (EBNF grammars); see `CachingBackend` for the arguments."""
+    """`GrammarBackend` with xgrammar (EBNF grammars); see `CachingBackend` for the arguments.
+
+    JSON schemas compile rewritten into the equivalent form it enforces best (`schema_rewrite`;
+    the schema as given if that fails to compile), and resolve as approximated where its grammar
+    may still admit outputs the schema rejects (`xgrammar_gaps`).
+    """
+
+    name = "xgrammar"
+    compiles = frozenset({"xgrammar"})
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None,
                  stop_token_ids: Sequence[int] | None = None,
@@ -270,6 +322,19 @@ class XGrammarBackend(CachingBackend):
         in the API server calls this and the engine calls `compile`.
         """
         self._grammar(spec)
+
+    def _resolve(self, spec: GrammarSpec) -> GrammarSpec:
+        rewritten = rewritten_spec(spec)
+        if rewritten is not None:
+            try:
+                self.validate(rewritten)
+                spec = rewritten
+            except GrammarError:
+                self.validate(spec)
+        else:
+            self.validate(spec)
+        gaps = xgrammar_gaps(json.loads(spec.source)) if spec.kind == "json" else ()
+        return msgspec.structs.replace(spec, backend=self.name, approximated=bool(gaps))
 
     def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         grammar = self._grammar(spec)
@@ -296,17 +361,22 @@ class XGrammarBackend(CachingBackend):
         return XGrammarMatcher(compiled, self._stops(stop_token_ids), self.blocked)
 
 
-BACKENDS = ("xgrammar", "llguidance")
+BACKENDS = ("xgrammar", "llguidance")  # the grammar compilers
+BACKEND_NAMES = ("auto", *BACKENDS)  # the serve setting's values
 
 
 def make_backend(name: str, tokenizer: Any, vocab_size: int | None = None,
                  stop_token_ids: Sequence[int] | None = None,
                  excluded_token_ids: Sequence[int] = ()) -> GrammarBackend:
-    """The backend called `name` (one of `BACKENDS`); llguidance is imported only when used."""
+    """The backend called `name` (one of `BACKEND_NAMES`); llguidance is imported when used."""
+    if name == "auto":
+        from vllm_blockdiff.grammar.auto import AutoBackend
+
+        return AutoBackend(tokenizer, vocab_size, stop_token_ids, excluded_token_ids)
     if name == "llguidance":
         from vllm_blockdiff.grammar.llguidance_backend import LLGuidanceBackend
 
         return LLGuidanceBackend(tokenizer, vocab_size, stop_token_ids, excluded_token_ids)
     if name == "xgrammar":
         return XGrammarBackend(tokenizer, vocab_size, stop_token_ids, excluded_token_ids)
-    raise ValueError(f"unknown grammar backend {name!r}; choose one of {list(BACKENDS)}")
+    raise ValueError(f"unknown grammar backend {name!r}; choose one of {list(BACKEND_NAMES)}")

@@ -22,11 +22,13 @@ from typing import Any
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import msgspec
 import numpy as np
 import torch
 
 from vllm_blockdiff.grammar import bitmask as bitmask_ops
 from vllm_blockdiff.grammar.backend import CachingBackend, is_text_token
+from vllm_blockdiff.grammar.schema_rewrite import rewritten_spec
 from vllm_blockdiff.grammar.spec import GrammarError, GrammarSpec
 
 FLEXIBLE = {"whitespace_flexible": True}
@@ -47,6 +49,15 @@ def json_grammar(source: str, any_whitespace: bool) -> str:
     schema = {**schema, "x-guidance": {**options, **schema.get("x-guidance", {})}}
     start = "start: json | /[ \\n]/ json" if any_whitespace else "start: json"
     return llguidance.LLMatcher.grammar_from_lark(f"{start}\njson: %json {json.dumps(schema)}")
+
+
+def _fractional_multiple_of(value: Any) -> bool:
+    if isinstance(value, dict):
+        step = value.get("multipleOf")
+        if isinstance(step, float) and not step.is_integer():
+            return True
+        return any(_fractional_multiple_of(v) for v in value.values())
+    return isinstance(value, list) and any(_fractional_multiple_of(v) for v in value)
 
 
 def error_message(error: str, spec: GrammarSpec) -> str:
@@ -122,8 +133,16 @@ class LLGuidanceBackend(CachingBackend):
     """`GrammarBackend` with llguidance; the arguments are `CachingBackend`'s.
 
     A compiled spec is an `LLMatcher` that never consumes a token: each request's matcher is a
-    deep copy of it (cheap), so the grammar is built once per spec.
+    deep copy of it (cheap), so the grammar is built once per spec. A JSON schema it refuses is
+    tried once more rewritten into its equivalent form (`schema_rewrite`: e.g. without formats no
+    validator checks, `oneOf` of disjoint branches as `anyOf`). What it compiles, it enforces
+    exactly, with one difference from `jsonschema`: a fractional `multipleOf` is decimal to
+    llguidance (2.01 is a multiple of 0.01) and binary floating point to the validator (it is
+    not), so such schemas resolve as approximated.
     """
+
+    name = "llguidance"
+    compiles = frozenset({"llguidance"})
 
     def __init__(self, tokenizer: Any, vocab_size: int | None = None,
                  stop_token_ids: Sequence[int] | None = None,
@@ -143,6 +162,21 @@ class LLGuidanceBackend(CachingBackend):
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(self._grammar(spec))
         if failed:
             raise GrammarError(spec.field, error_message(messages[0], spec))
+
+    def _resolve(self, spec: GrammarSpec) -> GrammarSpec:
+        try:
+            self.validate(spec)
+        except GrammarError as refused:
+            rewritten = rewritten_spec(spec)
+            if rewritten is None:
+                raise
+            try:
+                self.validate(rewritten)
+            except GrammarError:
+                raise refused from None
+            spec = rewritten
+        approximated = spec.kind == "json" and _fractional_multiple_of(json.loads(spec.source))
+        return msgspec.structs.replace(spec, backend=self.name, approximated=approximated)
 
     def _compile(self, spec: GrammarSpec) -> llguidance.LLMatcher:
         compiled = llguidance.LLMatcher(self._ll, self._grammar(spec), log_level=0)

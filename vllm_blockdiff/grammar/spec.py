@@ -2,7 +2,9 @@
 
 A `GrammarSpec` is a frozen, hashable value (it keys the compiled-grammar cache) built from vLLM's
 structured-output request fields: `json` (schema), `json_object`, `regex`, `choice`, `grammar`
-(EBNF / GBNF as xgrammar accepts it). It is backend-neutral: compiling it is the backend's job.
+(EBNF / GBNF as xgrammar accepts it). It is backend-neutral until the API server resolves it
+(`GrammarBackend.resolve`), which records the compiler, any schema rewrite and whether the grammar
+approximates the schema; the workers compile what it records.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class GrammarSpec(msgspec.Struct, frozen=True, kw_only=True):
     choices: tuple[str, ...] = ()
     # vLLM's `disable_any_whitespace` inverted: JSON may hold any whitespace between tokens.
     any_whitespace: bool = True
+    # Decided in the API server (`GrammarBackend.resolve`), followed by the workers: the backend
+    # that compiles this spec ("": not decided yet), whether `source` is the request's schema
+    # rewritten into an equivalent form (`schema_rewrite`), and whether the grammar may admit
+    # outputs the schema rejects (`xgrammar_gaps`).
+    backend: str = ""
+    rewritten: bool = False
+    approximated: bool = False
 
     @property
     def field(self) -> str:

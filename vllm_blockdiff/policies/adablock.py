@@ -39,7 +39,13 @@ from typing import Annotated
 import msgspec
 import torch
 
-from vllm_blockdiff.policies.base import Policy, PolicyInput, masked_confidence, topk_mask
+from vllm_blockdiff.policies.base import (
+    Policy,
+    PolicyInput,
+    TokenId,
+    masked_confidence,
+    topk_mask,
+)
 
 _NO_DELIMITER = -1  # batched stand-in for None: matches no token id
 
@@ -47,7 +53,7 @@ _NO_DELIMITER = -1  # batched stand-in for None: matches no token id
 class AdaBlockParams(msgspec.Struct, forbid_unknown_fields=True):
     threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
     delimiter_threshold: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.3
-    delimiter: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    delimiter: TokenId | None = None
 
 
 class AdaBlockPolicy(Policy):

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 import torch
+
+# Integer parameters bounded by a serve setting, which msgspec's `Meta` (constants only) cannot
+# express: `options.resolve_options` checks them against the `ServeConfig` field `extra` names.
+# A count or length within a block (steps, radius, ...): at most the server's max_block_length.
+BlockBounded = Annotated[int, msgspec.Meta(extra={"at_most": "max_block_length"})]
+# A token id: below the served model's vocabulary size.
+TokenId = Annotated[int, msgspec.Meta(ge=0, extra={"below": "vocab_size"})]
 
 
 class PolicyInput(NamedTuple):

@@ -12,6 +12,7 @@ import msgspec
 import torch
 
 from vllm_blockdiff.policies.base import (
+    BlockBounded,
     Policy,
     PolicyInput,
     masked_confidence,
@@ -22,7 +23,7 @@ from vllm_blockdiff.policies.base import (
 
 class DynamicParams(msgspec.Struct, forbid_unknown_fields=True):
     threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
-    steps: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    steps: Annotated[BlockBounded, msgspec.Meta(ge=1)] | None = None
 
 
 def select(inp: PolicyInput, params: dict[str, torch.Tensor]) -> torch.Tensor:

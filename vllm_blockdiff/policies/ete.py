@@ -32,6 +32,7 @@ import msgspec
 import torch
 
 from vllm_blockdiff.policies.base import (
+    BlockBounded,
     Policy,
     PolicyInput,
     masked_confidence,
@@ -43,7 +44,7 @@ from vllm_blockdiff.policies.base import (
 class ETEParams(msgspec.Struct, forbid_unknown_fields=True):
     threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
     min_bits: Annotated[float, msgspec.Meta(ge=0.0)] = 1.0
-    explore: Annotated[int, msgspec.Meta(ge=0)] = 1
+    explore: Annotated[BlockBounded, msgspec.Meta(ge=0)] = 1
 
 
 def select(inp: PolicyInput, params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,13 @@ from typing import Annotated
 import msgspec
 import torch
 
-from vllm_blockdiff.policies.base import Policy, PolicyInput, masked_confidence, top1_mask
+from vllm_blockdiff.policies.base import (
+    BlockBounded,
+    Policy,
+    PolicyInput,
+    masked_confidence,
+    top1_mask,
+)
 
 _FAR = 1 << 40  # farther than any canvas position, for rows or sides without an anchor
 
@@ -26,7 +32,7 @@ _FAR = 1 << 40  # farther than any canvas position, for rows or sides without an
 class LocalLeapParams(msgspec.Struct, forbid_unknown_fields=True):
     tau: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
     tau_relax: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.75
-    radius: Annotated[int, msgspec.Meta(ge=0)] = 4
+    radius: Annotated[BlockBounded, msgspec.Meta(ge=0)] = 4
 
     def __post_init__(self) -> None:
         if self.tau_relax > self.tau:

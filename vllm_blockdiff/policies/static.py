@@ -11,6 +11,7 @@ import msgspec
 import torch
 
 from vllm_blockdiff.policies.base import (
+    BlockBounded,
     Policy,
     PolicyInput,
     masked_confidence,
@@ -20,7 +21,7 @@ from vllm_blockdiff.policies.base import (
 
 
 class StaticParams(msgspec.Struct, forbid_unknown_fields=True):
-    steps: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    steps: Annotated[BlockBounded, msgspec.Meta(ge=1)] | None = None
 
 
 def select(inp: PolicyInput, params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -20,13 +20,13 @@ import msgspec
 import torch
 
 from vllm_blockdiff.policies import threshold
-from vllm_blockdiff.policies.base import Policy, PolicyInput
+from vllm_blockdiff.policies.base import BlockBounded, Policy, PolicyInput, TokenId
 
 
 class TCCFParams(msgspec.Struct, forbid_unknown_fields=True):
-    marker: Annotated[int, msgspec.Meta(ge=0)]
+    marker: TokenId
     threshold: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.9
-    fine_block_length: Annotated[int, msgspec.Meta(ge=1)] = 1
+    fine_block_length: Annotated[BlockBounded, msgspec.Meta(ge=1)] = 1
 
 
 def select(inp: PolicyInput, params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""Refuse token ids the model cannot have (HTTP 400) instead of letting them kill a worker.
+
+Prompt ids: vLLM 0.26 (`InputProcessor._validate_model_input`) refuses ids above
+`max(tokenizer.max_token_id, vocab_size - 1)`, but its cached HF tokenizer's `max_token_id` is
+`max(largest id, tokenizer.vocab_size)`, a size: an id equal to the vocabulary size (768 on the
+bundled testbeds) passes and the embedding lookup fails in the worker. Without a tokenizer
+(`skip_tokenizer_init`) nothing is checked, and offline prompts may hold negative ids.
+
+Stop ids: vLLM checks only that `stop_token_ids` are integers. Workers hold them in int64
+tensors (vLLM's min_tokens state, the plugin's stop table), so 2**63 kills the engine and 2**64
+fails to encode (HTTP 500).
+
+Both now lie in [0, `vocabulary_limit`), for every model, AR ones included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+from vllm.v1.engine.input_processor import InputProcessor
+
+VLLM_VERSIONS = ("0.26.",)
+
+
+def vocabulary_limit(model_config: Any, tokenizer: Any) -> int:
+    """Token ids lie below this: the model's vocabulary size, or the tokenizer's where larger
+    (multimodal placeholder tokens), vLLM's own rule counted in sizes on both sides."""
+    limit = model_config.get_vocab_size()
+    return limit if tokenizer is None else max(limit, len(tokenizer))
+
+
+def _check(field: str, ids: list[int], limit: int) -> None:
+    lowest, highest = min(ids), max(ids)
+    if lowest < 0 or highest >= limit:
+        bad = lowest if lowest < 0 else highest
+        raise VLLMValidationError(f"{field}: token id {bad} is out of vocabulary [0, {limit})",
+                                  parameter=field, value=bad)
+
+
+def apply() -> None:
+    validate_input = InputProcessor._validate_model_input
+    verify = SamplingParams.verify
+    if getattr(verify, "__blockdiff__", False):
+        return
+
+    def _validate_model_input(self: InputProcessor, prompt_input: Any, prompt_type: Any) -> None:
+        validate_input(self, prompt_input, prompt_type)
+        ids = None if prompt_input["type"] == "embeds" else prompt_input["prompt_token_ids"]
+        if ids:
+            _check("prompt", ids, vocabulary_limit(self.model_config, self.tokenizer))
+
+    def verify_stop_ids(self: SamplingParams, model_config: Any, speculative_config: Any,
+                        structured_outputs_config: Any, tokenizer: Any) -> None:
+        verify(self, model_config, speculative_config, structured_outputs_config, tokenizer)
+        if self.stop_token_ids:
+            _check("stop_token_ids", self.stop_token_ids,
+                   vocabulary_limit(model_config, tokenizer))
+
+    for owner, name, patched, original in (
+            (InputProcessor, "_validate_model_input", _validate_model_input, validate_input),
+            (SamplingParams, "verify", verify_stop_ids, verify)):
+        patched.__blockdiff__ = True  # type: ignore[attr-defined]
+        patched.__wrapped__ = original  # type: ignore[attr-defined]
+        setattr(owner, name, patched)
