@@ -3,15 +3,17 @@
     python benchmarks/structured.py --model examples/models/sdar-testbed --per-split 20
     python benchmarks/structured.py --model ... --full          # every compiled schema
     python benchmarks/structured.py --model ... --full --splits Github_easy --speed-skip
-    python benchmarks/structured.py --model ... --backend llguidance --speed-skip
+    python benchmarks/structured.py --model ... --backend xgrammar --speed-skip
 
 1. Declared coverage per JSONSchemaBench split (compiled / total) of the grammar backend
-   (`--backend`, xgrammar by default; the engine serves with the same one).
+   (`--backend`, "auto" by default, the serve default; the engine serves with the same one), by
+   how it resolved each schema: compiler chosen, exact or approximated, rewritten or not.
 2. Validity: JSON-schema requests for compiled schemas (a sample per split, or all with --full),
    greedy and at temperature 1: every output must be in its grammar's language (a prefix of it
    if cut by max_tokens; tokens replayed through a fresh matcher of the same backend), and
-   finished outputs must be schema-valid where the backend compiles the schema exactly (no
-   approximation warnings; llguidance approximates nothing).
+   finished outputs must be schema-valid where the grammar is exact. Each response's statistics
+   say which compiler ran and whether it approximated the schema; outputs are counted by that
+   (and checked against the backend's own resolution of the schema).
 3. Speed: the testbed's JSON-record prompts at batch 8, unconstrained and constrained by each
    example's schema: tokens per forward, wall time per output token, grammar host time per step
    (p50 / p99) and tokens the grammar filled in without a forward of their own.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_blockdiff.grammar import BACKENDS, make_backend
+from vllm_blockdiff.grammar import BACKEND_NAMES, GrammarSpec, make_backend
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"
 
@@ -63,37 +65,43 @@ def grammar_stats(llm) -> dict:
 
 def coverage_and_sample(backend, root: Path, splits: list[str] | None,
                         per_split: int | None, seed: int):
-    from vllm_blockdiff.grammar.coverage import split_coverage
+    """Coverage per split, and the schemas to request: every compiled one, or `per_split` of
+    each kind (compiler, exact or approximated), so the rare fallbacks are sampled too."""
+    from vllm_blockdiff.grammar.coverage import kind_of, split_coverage
 
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and (not splits or p.name in splits))
     cov = {p.name: split_coverage(backend, p) for p in dirs}  # one thread: warnings read
     rng = random.Random(seed)
     sample = {}
     for split, c in cov.items():
-        paths = c.compiled_paths
-        sample[split] = paths if per_split is None else rng.sample(paths, min(per_split,
-                                                                             len(paths)))
+        if per_split is None:
+            sample[split] = c.compiled_paths
+            continue
+        sample[split] = []
+        for kind in c.kinds():
+            paths = [r.path for r in c.results if r.compiled and kind_of(r) == kind]
+            sample[split] += rng.sample(paths, min(per_split, len(paths)))
     return cov, sample
 
 
 def in_language(backend, schema, token_ids: list[int], finished: bool) -> bool:
     """Whether the output's tokens are in the grammar's language (a prefix of it, if cut short):
     the engine's guarantee, checked by replaying them through a fresh matcher."""
-    from vllm_blockdiff.grammar import GrammarSpec
-
-    matcher = backend.matcher(backend.compile(GrammarSpec(kind="json",
-                                                          source=json.dumps(schema))))
+    matcher = backend.matcher(backend.compile(GrammarSpec.from_json(schema)))
     body = token_ids[:-1] if finished else token_ids  # a finished output ends with its EOS
     if not all(matcher.accept(t) for t in body):
         return False
     return not finished or matcher.accept(backend.stop_token_ids[0])
 
 
-def validity(llm, backend, sample: dict[str, list[str]], exact: set[str],
-             max_tokens: int) -> list[dict]:
+KINDS = [f"{b} {e}" for e in ("exact", "approximated") for b in ("llguidance", "xgrammar")]
+
+
+def validity(llm, backend, sample: dict[str, list[str]], max_tokens: int) -> list[dict]:
     """Per split and temperature: every output must be in its grammar's language; finished
-    outputs of schemas the backend compiles exactly must be schema-valid. Schemas it approximates
-    (xgrammar's warnings, `grammar/coverage.py`) are counted apart: their grammar may admit more."""
+    outputs of schemas compiled exactly must be schema-valid. Outputs are counted by the
+    compiler and exactness their response reports (`kv_transfer_params.blockdiff.grammar`),
+    which must match the backend's own resolution of the schema."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -107,14 +115,22 @@ def validity(llm, backend, sample: dict[str, list[str]], exact: set[str],
                                      structured_outputs=StructuredOutputsParams(json=s))
                       for i, s in enumerate(schemas)]
             outs = llm.generate(["JSON:"] * len(schemas), params, use_tqdm=False)
-            row = dict.fromkeys(("finished", "in_language", "exact_finished", "exact_valid",
-                                 "approximate_finished", "approximate_valid",
-                                 "schema_unusable_by_validator"), 0)
+            row = {"finished": 0, "in_language": 0, "schema_unusable_by_validator": 0,
+                   "stats_disagree": 0, **{k: {"requests": 0, "finished": 0, "valid": 0}
+                                           for k in KINDS}}
             failures = []
             for path, schema, out in zip(paths, schemas, outs, strict=True):
                 o = out.outputs[0]
-                finished = o.finish_reason == "stop"
                 name = Path(path).name
+                ran = out.kv_transfer_params["blockdiff"]["grammar"]
+                kind = f"{ran['backend']} {'approximated' if ran['approximated'] else 'exact'}"
+                resolved = backend.resolve(GrammarSpec.from_json(schema))
+                if (resolved.backend, resolved.approximated) != (ran["backend"],
+                                                                 ran["approximated"]):
+                    row["stats_disagree"] += 1
+                    failures.append({"schema": name, "error": f"engine reports {ran}"})
+                row[kind]["requests"] += 1
+                finished = o.finish_reason == "stop"
                 if in_language(backend, schema, list(o.token_ids), finished):
                     row["in_language"] += 1
                 else:
@@ -122,16 +138,15 @@ def validity(llm, backend, sample: dict[str, list[str]], exact: set[str],
                 if not finished:
                     continue
                 row["finished"] += 1
-                kind = "exact" if path in exact else "approximate"
-                row[f"{kind}_finished"] += 1
                 error = output_errors(o.text, schema)
-                if error is None:
-                    row[f"{kind}_valid"] += 1
-                elif error.startswith(UNUSABLE):
+                if error is not None and error.startswith(UNUSABLE):
                     row["schema_unusable_by_validator"] += 1
-                    row[f"{kind}_finished"] -= 1
-                elif kind == "exact":
-                    failures.append({"schema": name, "error": error[:200]})
+                    continue
+                row[kind]["finished"] += 1
+                if error is None:
+                    row[kind]["valid"] += 1
+                elif kind.endswith(" exact"):
+                    failures.append({"schema": name, "kind": kind, "error": error[:200]})
             rows.append({"split": split, "temperature": temperature, "requests": len(schemas),
                          **row, "failures": failures})
     return rows
@@ -177,10 +192,11 @@ def speed(llm, batch: int, rounds: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="examples/models/sdar-testbed")
-    p.add_argument("--backend", choices=BACKENDS, default="xgrammar",
+    p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                    help="grammar backend: coverage, replay and the engine's")
     p.add_argument("--schemas", default=str(SHARED), help="JSONSchemaBench root")
-    p.add_argument("--per-split", type=int, default=20)
+    p.add_argument("--per-split", type=int, default=20,
+                   help="schemas per split and kind (compiler, exact or approximated)")
     p.add_argument("--full", action="store_true", help="every compiled schema")
     p.add_argument("--splits", default="", help="comma list of splits (default: all)")
     p.add_argument("--speed-skip", action="store_true", help="skip the speed comparison")
@@ -190,11 +206,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speed-only", action="store_true", help="skip coverage and validity")
     p.add_argument("--out", default=None,
-                   help="default benchmarks/results/structured[_BACKEND unless xgrammar]")
+                   help="default benchmarks/results/structured_BACKEND")
     a = p.parse_args()
     if a.out is None:
-        a.out = "benchmarks/results/structured" + ("" if a.backend == "xgrammar"
-                                                    else f"_{a.backend}")
+        a.out = f"benchmarks/results/structured_{a.backend}"
 
     cov, valid_rows, fast = {}, [], {}
     backend = make_backend(a.backend, a.model)
@@ -208,18 +223,21 @@ def main() -> None:
     llm = engine(a.model, a.backend)
     if not a.speed_only:
         started = time.perf_counter()
-        exact = {r.path for c in cov.values() for r in c.results if r.compiled and not r.warnings}
-        valid_rows = validity(llm, backend, sample, exact, a.max_tokens)
+        valid_rows = validity(llm, backend, sample, a.max_tokens)
         print(f"validity in {time.perf_counter() - started:.0f} s")
-    print(f"\n{'split':16} {'T':>3} {'requests':>8} {'in grammar':>10} {'finished':>8} "
-          f"{'exact: valid/finished':>21} {'approx.: valid/finished':>23}")
+    print(f"\n{'split':16} {'T':>3} {'requests':>8} {'in grammar':>10} {'finished':>8}  " +
+          "  ".join(f"{k:>23}" for k in KINDS) + "   (valid/finished of requests)")
     for r in valid_rows:
         print(f"{r['split']:16} {r['temperature']:3.0f} {r['requests']:8d} "
-              f"{r['in_language']:10d} {r['finished']:8d} "
-              f"{r['exact_valid']:>12d}/{r['exact_finished']:<8d} "
-              f"{r['approximate_valid']:>14d}/{r['approximate_finished']:<8d}")
+              f"{r['in_language']:10d} {r['finished']:8d}  " + "  ".join(
+                  f"{r[k]['valid']:>7d}/{r[k]['finished']:<5d} of {r[k]['requests']:<6d}"
+                  for k in KINDS))
         for f in r["failures"]:
-            print(f"    invalid: {f['schema']}: {f['error']}")
+            print(f"    {f['schema']}: {f['error']}")
+    if valid_rows:
+        print("total: " + ", ".join(
+            f"{k} {sum(r[k]['valid'] for r in valid_rows)}/"
+            f"{sum(r[k]['finished'] for r in valid_rows)} valid/finished" for k in KINDS))
     if a.speed_skip:
         return _write(a, cov, valid_rows, fast)
     fast = speed(llm, a.batch, a.rounds)
@@ -240,7 +258,8 @@ def _write(a, cov, valid_rows, fast) -> None:
     out.write_text(json.dumps({
         "args": vars(a),
         "coverage": {s: {"compiled": c.compiled, "total": c.total, "exact": c.exact,
-                         "declared_coverage": c.declared_coverage} for s, c in cov.items()},
+                         "declared_coverage": c.declared_coverage, "kinds": c.kinds()}
+                     for s, c in cov.items()},
         "validity": valid_rows, "speed": fast}, indent=2))
     print(f"wrote {out}")
 
