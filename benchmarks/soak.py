@@ -1,0 +1,64 @@
+"""Soak a `vllm serve` of a block-diffusion model with load and faults; print the counts.
+
+Starts the server (CPU-friendly flags unless --gpu), runs `vllm_blockdiff.bench.soak` with the
+given request count and clients, prints requests / 2xx / 4xx / 5xx / greedy mismatches / hangs /
+engine deaths, and writes JSON.
+
+    python benchmarks/soak.py --model examples/models/sdar-testbed --requests 2000 --clients 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from vllm_blockdiff.bench.soak import soak
+
+CPU_FLAGS = ["--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--enforce-eager"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="examples/models/sdar-testbed")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--clients", type=int, default=24)
+    p.add_argument("--gpu", action="store_true", help="serve with vLLM's defaults")
+    p.add_argument("--out", default="benchmarks/results/soak.json")
+    a = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", a.model, "--port", str(port)]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.Popen(cmd + ([] if a.gpu else CPU_FLAGS), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    sys.exit("vllm serve did not start")
+                time.sleep(1)
+        result = soak(base, a.requests, a.clients)
+        result["server_exited"] = proc.poll() is not None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    print(" ".join(f"{k}={result[k]}" for k in ("requests", "2xx", "4xx", "5xx",
+                                                 "greedy_mismatches", "hangs", "engine_deaths")))
+    Path(a.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
