@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import tempfile
 from pathlib import Path
 
-from vllm_blockdiff.bench.soak import soak
+from vllm_blockdiff.bench.soak import running_server, soak
 
 CPU_FLAGS = ["--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--enforce-eager"]
 
@@ -32,29 +27,9 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="serve with vLLM's defaults")
     p.add_argument("--out", default="benchmarks/results/soak.json")
     a = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", a.model, "--port", str(port)]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.Popen(cmd + ([] if a.gpu else CPU_FLAGS), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    sys.exit("vllm serve did not start")
-                time.sleep(1)
+    with tempfile.TemporaryDirectory() as tmp, \
+            running_server(a.model, [] if a.gpu else CPU_FLAGS, Path(tmp) / "serve.log") as base:
         result = soak(base, a.requests, a.clients)
-        result["server_exited"] = proc.poll() is not None
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     print(" ".join(f"{k}={result[k]}" for k in ("requests", "2xx", "4xx", "5xx",
                                                  "greedy_mismatches", "hangs", "engine_deaths")))
     Path(a.out).write_text(json.dumps(result, indent=2))

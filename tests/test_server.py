@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -27,35 +22,13 @@ pytestmark = pytest.mark.server
 CPU_FLAGS = ["--gpu-memory-utilization", "0.3", "--max-model-len", "512", "--dtype", "float32"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(published_sdar, tmp_path_factory):
-    port = _free_port()
+    from vllm_blockdiff.bench.soak import running_server
+
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    vllm_cli = Path(sys.executable).with_name("vllm")
-    cmd = [str(vllm_cli), "serve", published_sdar, "--port", str(port), "--enforce-eager"]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd + CPU_FLAGS, stdout=f, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"vllm serve did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
-    yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="none")
-    proc.terminate()
-    proc.wait(timeout=60)
+    with running_server(published_sdar, ["--enforce-eager", *CPU_FLAGS], log, 300) as base:
+        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="none")
 
 
 def test_completion_reports_tokens_per_forward(server):

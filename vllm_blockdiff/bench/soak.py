@@ -9,10 +9,17 @@ must answer. Used by `tests/test_server.py` (short) and `benchmarks/soak.py` (lo
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import os
 import random
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -22,6 +29,35 @@ GREEDY = dict(prompt="Q: 12+7=", max_tokens=24, temperature=0,
                                                            "block_length": 8}})
 BAD_XARGS = [{"policy": "static", "steps": 2**63}, {"policy": "nonsense"}, {"threshold": 2.0},
              {"_blockdiff_grammar": "{}"}, {"policy": "tccf", "marker": 2**64}]
+
+
+@contextlib.contextmanager
+def running_server(model: str, flags: list[str], log: Path, timeout: float = 600.0
+                   ) -> Iterator[str]:
+    """`vllm serve model` on a free loopback port until the block ends; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", model, "--port", str(port)]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + flags, stdout=f, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("vllm serve did not start:\n"
+                                       + log.read_text()[-4000:]) from None
+                time.sleep(1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def _one(client: openai.OpenAI, model: str, kind: str, reference: str, rng: random.Random
