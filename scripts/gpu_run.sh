@@ -6,6 +6,7 @@
 #   bash scripts/gpu_run.sh [SRC_TGZ] STEP...
 #     kernels   the attention kernel tests, compiled
 #     tests     GPU engine tests with torch.compile and FULL CUDA graphs (BLOCKDIFF_TEST_COMPILE=1)
+#     invariant the determinism tests again under VLLM_BATCH_INVARIANT=1
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256
 #
@@ -25,17 +26,22 @@ python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . $w
   > "$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
 src=$PWD
 # pytest runs from / so that the installed plugin (with its plugins/ subpackage) is imported.
-t() { (cd / && python3 -m pytest -q -p no:cacheprovider -c "$src/pyproject.toml" "${@/#/$src/}"); }
+t() { local lim=$1; shift; (cd / && timeout "$lim" python3 -m pytest -q -p no:cacheprovider -c "$src/pyproject.toml" "${@/#/$src/}"); }
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 for step in "$@"; do
   case $step in
     kernels)
-      timeout 120 t tests/test_attention_kernel.py > "$OUT/kernels_gpu.log" 2>&1
+      t 120 tests/test_attention_kernel.py tests/test_vocab_pass.py > "$OUT/kernels_gpu.log" 2>&1
       echo "kernels rc=$?"; tail -2 "$OUT/kernels_gpu.log" ;;
     tests)
-      BLOCKDIFF_TEST_COMPILE=1 timeout 420 t tests/test_engine_parity.py \
+      BLOCKDIFF_TEST_COMPILE=1 t 300 tests/test_engine_parity.py \
         tests/test_engine_determinism.py > "$OUT/tests_gpu.log" 2>&1
       echo "tests rc=$?"; tail -3 "$OUT/tests_gpu.log" ;;
+    invariant)
+      # Greedy identity beside other requests with vLLM's batch-invariant GEMMs.
+      VLLM_BATCH_INVARIANT=1 BLOCKDIFF_TEST_COMPILE=1 t 200 tests/test_engine_determinism.py \
+        > "$OUT/invariant_gpu.log" 2>&1
+      echo "invariant rc=$?"; tail -2 "$OUT/invariant_gpu.log" ;;
     profile)
       (cd benchmarks && timeout ${PROFILE_S:-330} python3 step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
         --configs 4:4,4:1 --cudagraph-modes ${MODES:-PIECEWISE,default} \

@@ -152,3 +152,48 @@ def test_tccf_switches_block_length_after_the_marker(llm, tiny_sdar, reference, 
         assert (tokens, stats["forwards"]) == (ref.token_ids, ref.forwards), len(prompt)
         slower += stats["forwards"] > plain_forwards
     assert slower  # fine blocks after the switch cost forwards
+
+
+@pytest.fixture(scope="module")
+def llm_graphs(tiny_sdar):
+    """The sampler's graph path forced on (on CPU: its static buffers and padding, eagerly)."""
+    import os
+
+    from conftest import ENGINE_ARGS
+    from vllm import LLM
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # read the graphs via collective_rpc
+    engine = LLM(tiny_sdar, **ENGINE_ARGS,
+                 additional_config={"blockdiff": {"sampler_graphs": True}})
+    yield engine
+    del engine
+
+
+def _graph_keys(worker) -> list:
+    graphs = worker.model_runner.sampler._graphs
+    return sorted(graphs._graphs) if graphs is not None else []
+
+
+def test_sampler_graph_path_equals_reference(llm_graphs, tiny_sdar, reference):
+    """Batches of one policy take the graph path (`engine/sampler.py` TailGraphs): padded to a
+    power of two with inert rows on the scratch slot. Alone and in batches of 3 and 8, every
+    request gets the reference's tokens and forwards; a batch with a grammar or two policies
+    falls back to the eager path and agrees as well."""
+    ps = prompts(tiny_sdar)
+    for policy, extra in (("static", {"steps": 2}), ("entropy", {}), ("threshold", {})):
+        requests = [(p, {"block_length": 4, "policy": policy, **extra}) for p in ps]
+        outputs = run(llm_graphs, requests[:1]) + run(llm_graphs, requests[1:4]) + run(
+            llm_graphs, requests)[4:]
+        for (prompt, args), (tokens, stats) in zip(requests, outputs, strict=True):
+            ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
+                           {EOS, IM_END})
+            assert (tokens, stats["forwards"]) == (ref.token_ids, ref.forwards), args
+    mixed = [(p, {"block_length": 8, "policy": ("dynamic", "static")[i % 2]})
+             for i, p in enumerate(ps)]
+    for (prompt, args), (tokens, _) in zip(mixed, run(llm_graphs, mixed), strict=True):
+        ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
+                       {EOS, IM_END})
+        assert tokens == ref.token_ids, args
+    keys = llm_graphs.collective_rpc(_graph_keys)[0]
+    assert ("static", False, 1) in keys and ("entropy", True, 8) in keys, keys
+    assert not any(name == "dynamic" for name, _, _ in keys)

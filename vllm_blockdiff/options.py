@@ -44,6 +44,10 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     # Token-id options (`TokenId`, e.g. `marker`) lie below it. The config hook sets the model's;
     # the default bounds them only by the int64 the workers hold them in.
     vocab_size: int = 2**63
+    # Replays the sampler's per-step tensor work from CUDA graphs (steps without grammars or
+    # drafts; `engine/sampler.py` TailGraphs). None: on CUDA unless enforce_eager; True off CUDA
+    # runs the same static buffers eagerly (how CPU tests cover them).
+    sampler_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.canvas_length < self.max_block_length:

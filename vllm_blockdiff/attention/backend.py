@@ -34,7 +34,6 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_blockdiff.attention.ops import paged_block_causal_attention, write_kv_cache
-from vllm_blockdiff.engine.layout import TokenLayout
 from vllm_blockdiff.transfer import Staging
 
 
@@ -71,9 +70,10 @@ class BlockDiffusionAttentionMetadataBuilder(
         self._ranges = torch.zeros(3, max_tokens, dtype=torch.int32, device=device)
         self._staging = Staging(device)
 
-    def set_token_layout(self, layout: TokenLayout) -> None:
+    def set_key_ranges(self, kv_limit: np.ndarray, skip_start: np.ndarray,
+                       skip_end: np.ndarray) -> None:
         """Key ranges of each scheduled token of the next batch (set by the model state)."""
-        ranges = np.stack([layout.kv_limit, layout.skip_start, layout.skip_end])
+        ranges = np.stack([kv_limit, skip_start, skip_end])
         n = ranges.shape[1]
         self._staging.to_device(ranges, out=self._ranges[:, :n])
         self._ranges[:, n:].fill_(0)
@@ -195,6 +195,13 @@ class BlockDiffusionAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_non_causal(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        """A token's output depends only on its own request's keys, tiled from the request's
+        query start in a fixed order (`triton_kernel.py`): vLLM's VLLM_BATCH_INVARIANT=1 mode
+        may select this backend."""
         return True
 
     @classmethod

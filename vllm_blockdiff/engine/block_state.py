@@ -27,6 +27,8 @@ from vllm_blockdiff.options import DecodeOptions
 from vllm_blockdiff.policies import POLICIES
 
 MAX_STOP_TOKENS = 16  # flagged for the policies (the first 16); vLLM itself checks every stop
+POLICY_NAMES = list(POLICIES)  # a request's policy, by index (`BlockStates.policy_np`)
+MAX_POLICY_FIELDS = max(len(p.params_cls.__struct_fields__) for p in POLICIES.values())
 
 
 class BlockStates:
@@ -34,6 +36,10 @@ class BlockStates:
                  device: torch.device):
         self.max_block_length = max_block_length
         self.mask_token_id = mask_token_id
+        # Device tensors have one row more: the scratch slot that padding rows of a captured
+        # sampler step read and write (`engine/sampler.py`), never a request's.
+        self.scratch = max_num_reqs
+        max_num_reqs += 1
         self.canvas = torch.full((max_num_reqs, max_block_length), mask_token_id,
                                  dtype=torch.int64, device=device)
         self.committed = torch.zeros(max_num_reqs, max_block_length, dtype=torch.bool,
@@ -57,12 +63,19 @@ class BlockStates:
         self.marker: list[int | None] = [None] * max_num_reqs
         self.verifies_drafts_np = np.zeros(max_num_reqs, dtype=bool)
         self.options: list[DecodeOptions | None] = [None] * max_num_reqs
+        # Each request's policy (index into POLICY_NAMES) and its parameters as numbers
+        # (`Policy.values`), written once when it arrives: a step only indexes them.
+        self.policy_np = np.zeros(max_num_reqs, dtype=np.int64)
+        self.policy_values = torch.zeros(max_num_reqs, max(MAX_POLICY_FIELDS, 1),
+                                         dtype=torch.float64, device=device)
+        self.policy_values[self.scratch] = float("nan")  # every parameter at its default
         # Each request's stop tokens (EOS, stop_token_ids), padded with -1, for the policies.
         self.stop_table = torch.full((max_num_reqs, MAX_STOP_TOKENS), -1, dtype=torch.int64,
                                      device=device)
         # Grammar state of constrained requests (host objects; see vllm_blockdiff/grammar), or
         # the compilation still running for it.
         self.constraints: list[CanvasConstraint | Future | None] = [None] * max_num_reqs
+        self.constrained_np = np.zeros(max_num_reqs, dtype=bool)
 
     def add_request(self, slot: int, options: DecodeOptions, stop_token_ids: list[int],
                     constraint: CanvasConstraint | Future | None = None, prompt_len: int = 0,
@@ -71,13 +84,19 @@ class BlockStates:
         self.options[slot] = options
         ids = stop_token_ids[:MAX_STOP_TOKENS]
         self.stop_table[slot] = torch.tensor(ids + [-1] * (MAX_STOP_TOKENS - len(ids)))
+        policy = POLICIES[options.policy]
+        self.policy_np[slot] = POLICY_NAMES.index(options.policy)
+        values = policy.values(options.params)
+        if values:
+            self.policy_values[slot, :len(values)] = torch.tensor(values, dtype=torch.float64)
         self.constraints[slot] = constraint
+        self.constrained_np[slot] = constraint is not None
         self.block_length_np[slot] = options.block_length
         self.fine_block_length_np[slot] = fine_block_length(options)
         self.marker[slot] = marker_of(options)
         self.switch_at_np[slot] = NEVER
         self.observe(slot, prompt_len, emitted)
-        self.verifies_drafts_np[slot] = POLICIES[options.policy].verifies_drafts
+        self.verifies_drafts_np[slot] = policy.verifies_drafts
         self.reset_blocks(torch.tensor([slot], device=self.canvas.device))
 
     def grammar_ready(self, slot: int) -> bool:

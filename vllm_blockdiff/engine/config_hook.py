@@ -47,6 +47,8 @@ class ServeSettings(msgspec.Struct, forbid_unknown_fields=True):
     # "auto", "xgrammar" or "llguidance"; default: vLLM's --structured-outputs-config.backend,
     # else "auto" (per request, whichever enforces the constraint exactly: grammar/auto.py)
     grammar_backend: GrammarBackendName | None = None
+    # The sampler's CUDA graphs (ServeConfig.sampler_graphs): default on CUDA unless eager.
+    sampler_graphs: bool | None = None
 
 
 def _split_settings(raw: dict[str, Any]) -> tuple[ServeSettings, dict[str, Any]]:
@@ -155,6 +157,7 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             canvas_length=canvas_length,
             grammar_backend=resolve_grammar_backend(settings, vllm_config),
             vocab_size=model_config.get_vocab_size(),
+            sampler_graphs=settings.sampler_graphs,
         )
         resolve_options(None, serve)  # the defaults themselves must be a valid request
 

@@ -83,8 +83,13 @@ class BlockDiffusionModelState(DefaultModelState):
 
     def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
         runner_req_states = sampler.req_states
+        graphs = self.serve.sampler_graphs
+        if graphs is None:
+            graphs = self.device.type == "cuda" and not self.model_config.enforce_eager
         return BlockDiffusionSampler(sampler, self.states, runner_req_states,
-                                     self.max_model_len, self.serve.canvas_length), None
+                                     self.max_model_len, self.serve.canvas_length,
+                                     max_logit_rows=self.max_num_tokens,
+                                     cuda_graphs=graphs), None
 
     def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
         """Take every known query token from the request's token history; place drafts.
@@ -133,6 +138,6 @@ class BlockDiffusionModelState(DefaultModelState):
             for group in groups:
                 builder = group.get_metadata_builder(0)
                 if isinstance(builder, BlockDiffusionAttentionMetadataBuilder):
-                    builder.set_token_layout(layout)
+                    builder.set_key_ranges(*layout[:3])
         return super().prepare_attn(input_batch, cudagraph_mode, block_tables, slot_mappings,
                                     attn_groups, kv_cache_config, for_capture)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -40,9 +41,10 @@ from vllm.v1.worker.gpu.sample.sampler import Sampler
 from vllm.v1.worker.gpu.sample.states import SamplingStates
 from vllm.v1.worker.gpu.states import RequestState
 
-from vllm_blockdiff.engine.block_state import BlockStates
+from vllm_blockdiff.engine.block_state import POLICY_NAMES, BlockStates
 from vllm_blockdiff.engine.block_switch import NEVER
 from vllm_blockdiff.grammar import bitmask
+from vllm_blockdiff.kernels.vocab_pass import vocab_stats
 from vllm_blockdiff.policies import POLICIES, PolicyInput, freedave
 from vllm_blockdiff.transfer import Staging
 
@@ -117,6 +119,19 @@ class StepPlan:
         self.drafting = states.verifies_drafts_np[self.slots]
         self.verify = self.denoise & self.drafting
         self.fresh = self.drafts == 0  # prefill chunk: the block starts over
+        # Denoising requests grouped by policy: (name, start, end) into `group_rows`, or, when
+        # the whole batch shares one policy, one group of every row (no gathers).
+        policy = states.policy_np[self.slots]
+        names = np.unique(policy[self.denoise])
+        if len(names) == 1 and (policy == names[0]).all():
+            self.group_rows = np.zeros(0, np.int64)
+            self.groups = [(POLICY_NAMES[names[0]], None, None)]
+        else:
+            rows = [np.flatnonzero(self.denoise & (policy == k)) for k in names]
+            self.group_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+            ends = np.cumsum([len(r) for r in rows])
+            self.groups = [(POLICY_NAMES[k], int(e - len(r)), int(e))
+                           for k, r, e in zip(names, rows, ends, strict=True)]
         # Logit rows (one per draft token) of greedy requests, and of requests that filter their
         # proposals with top-k / top-p (never greedy ones: SamplingParams resets them).
         self.greedy_row = np.repeat(sampling.temperature.np[self.slots] == 0.0, self.drafts)
@@ -124,6 +139,29 @@ class StepPlan:
         self.filtered = ((sampling.top_k.np[self.slots] != sampling.vocab_size)
                          | (sampling.top_p.np[self.slots] != 1.0))
         self.filter_rows = np.flatnonzero(np.repeat(self.filtered, self.drafts))
+        # Every logit row (one per draft token): its request, draft and block offset.
+        rows_req = np.repeat(np.arange(r), self.drafts)
+        rows_local = np.arange(len(rows_req)) - (np.cumsum(self.drafts) - self.drafts)[rows_req]
+        rest, b = self.rest[rows_req], self.block_length[rows_req]
+        beyond = np.maximum(rows_local - rest, 0)  # into the extra drafts (whole blocks)
+        self.rows = (rows_req, np.where(rows_local < rest, 0, 1 + beyond // b),
+                     np.where(rows_local < rest, rows_local + self.offset[rows_req], beyond % b))
+
+    def request_rows(self, pad: int = 0, scratch: int = 0) -> np.ndarray:
+        """[5, R + pad]: slot, offset, block length, denoised, fresh (`_Req`); padding rows are
+        inert requests on the scratch slot."""
+        rows = np.stack([self.slots, self.offset, self.block_length, self.denoise, self.fresh])
+        padding = np.array([[scratch], [0], [1], [0], [0]]).repeat(pad, axis=1)
+        return np.concatenate([rows.astype(np.int64), padding], axis=1)
+
+    def grid_rows(self, canvas_length: int, pad: int = 0) -> np.ndarray:
+        """[R + pad, canvas]: the logit row proposing each position of a denoised request's
+        open block (its first draft), -1 elsewhere."""
+        rows_req, rows_k, rows_col = self.rows
+        keep = self.denoise[rows_req] & (rows_k == 0)
+        grid = np.full((len(self.slots) + pad, canvas_length), -1, dtype=np.int64)
+        grid[rows_req[keep], rows_col[keep]] = np.flatnonzero(keep)
+        return grid
 
 
 @dataclass
@@ -141,18 +179,27 @@ class GrammarStats:
                            for j, t in enumerate(run))
 
 
-class _Device(NamedTuple):
-    """The step plan's per-request arrays on the device (one host-to-device copy per step)."""
+class _Req(NamedTuple):
+    """Per-request inputs of a step's tensor work, [R] each (padded rows: the scratch slot)."""
 
     slots: torch.Tensor
-    offset: torch.Tensor
+    offset: torch.Tensor  # first open block offset (the emitted prefix ends there)
     block_length: torch.Tensor
-    denoise: torch.Tensor
-    fresh: torch.Tensor
+    denoise: torch.Tensor  # bool: the request's canvas ran this forward
+    fresh: torch.Tensor  # bool: a prefill chunk, the block starts over
+
+    @classmethod
+    def of(cls, rows: torch.Tensor) -> _Req:
+        """From the [5, R] int64 rows of `StepPlan.request_rows`."""
+        return cls(rows[0], rows[1], rows[2], rows[3] != 0, rows[4] != 0)
+
+
+class _Device(NamedTuple):
+    """The step plan's arrays on the device (one host-to-device copy per step)."""
+
+    req: _Req
+    grid_row: torch.Tensor  # [R, canvas] the logit row proposing each open position, or -1
     rejected: torch.Tensor
-    rows_req: torch.Tensor  # logit rows of denoising requests' first drafts: their request ...
-    rows_col: torch.Tensor  # ... and block offset
-    rows_logit: torch.Tensor  # ... and index into the logits
     logit_req: torch.Tensor  # the request of every logit row
     drafts_req: torch.Tensor  # logit rows of requests that verify drafts: their request ...
     drafts_k: torch.Tensor  # ... draft ...
@@ -161,6 +208,18 @@ class _Device(NamedTuple):
     num_drafts: torch.Tensor  # drafts each request ran
     greedy_row: torch.Tensor  # [logit rows] bool: the row's request is greedy
     filter_rows: torch.Tensor  # logit rows whose request uses top-k / top-p
+    group_rows: torch.Tensor  # denoising requests by policy (`StepPlan.groups`)
+
+
+class _Tail(NamedTuple):
+    """What a step's tensor work leaves for the runner and the host-side hooks."""
+
+    sampled: torch.Tensor  # [R, canvas] the emitted tokens, left-aligned
+    num_sampled: torch.Tensor  # [R] int32
+    next_canvas: torch.Tensor  # [R, canvas] the next step's draft tokens
+    canvas: torch.Tensor
+    committed: torch.Tensor
+    offset: torch.Tensor  # the next step's first open offset
 
 
 class BlockDiffusionSampler:
@@ -171,6 +230,8 @@ class BlockDiffusionSampler:
         req_states: RequestState,
         max_model_len: int,
         draft_capacity: int,
+        max_logit_rows: int = 0,
+        cuda_graphs: bool = False,
     ):
         self.base = base
         self.sampling_states = base.sampling_states
@@ -186,6 +247,7 @@ class BlockDiffusionSampler:
         # structured-output manager does.
         self._mask_pool = ThreadPoolExecutor(max_workers=min(8, max(1, (os.cpu_count() or 2) // 2)),
                                              thread_name_prefix="blockdiff-mask")
+        self._graphs = TailGraphs(self, max_logit_rows) if cuda_graphs else None
 
     def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
         self.base.sampling_states.add_request(req_idx, sampling_params)
@@ -197,61 +259,37 @@ class BlockDiffusionSampler:
 
     def _upload(self, plan: StepPlan) -> _Device:
         """Copy the plan to the device in one asynchronous transfer."""
-        rows_req = np.repeat(np.arange(len(plan.slots)), plan.drafts)
-        starts = np.cumsum(plan.drafts) - plan.drafts
-        rows_local = np.arange(len(rows_req)) - starts[rows_req]
-        rest, b = plan.rest[rows_req], plan.block_length[rows_req]
-        beyond = np.maximum(rows_local - rest, 0)  # into the extra drafts (whole blocks)
-        rows_k = np.where(rows_local < rest, 0, 1 + beyond // b)
-        rows_col = np.where(rows_local < rest, rows_local + plan.offset[rows_req], beyond % b)
-        keep = plan.denoise[rows_req] & (rows_k == 0)
+        rows_req, rows_k, rows_col = plan.rows
         drafts = plan.verify[rows_req]
-        parts = [plan.slots, plan.offset, plan.block_length, plan.denoise, plan.fresh,
-                 plan.num_rejected, rows_req[keep], rows_col[keep], np.flatnonzero(keep),
+        parts = [plan.request_rows(), plan.grid_rows(self.canvas_length), plan.num_rejected,
                  rows_req, rows_req[drafts], rows_k[drafts], rows_col[drafts],
-                 np.flatnonzero(drafts), plan.num_drafts, plan.greedy_row, plan.filter_rows]
-        flat = np.concatenate([np.asarray(a, dtype=np.int64) for a in parts])
-        views = torch.split(self._staging.to_device(flat), [len(a) for a in parts])
-        return _Device(views[0], views[1], views[2], views[3].bool(), views[4].bool(),
-                       views[5].to(torch.int32), *views[6:-2], views[-2].bool(), views[-1])
+                 np.flatnonzero(drafts), plan.num_drafts, plan.greedy_row, plan.filter_rows,
+                 plan.group_rows]
+        flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in parts])
+        views = torch.split(self._staging.to_device(flat), [np.size(a) for a in parts])
+        r = len(plan.slots)
+        return _Device(_Req.of(views[0].view(5, r)), views[1].view(r, self.canvas_length),
+                       views[2].to(torch.int32), *views[3:-3], views[-3].bool(), *views[-2:])
 
     def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
         plan = StepPlan(input_batch, self.states, self.max_model_len, self.sampling_states)
-        device = logits.device
-        states = self.states
-        cl = self.canvas_length
         d = self._upload(plan)
-
-        canvas = states.canvas[d.slots]
-        committed = states.committed[d.slots]
-        history = states.committed_confidence[d.slots]
-        step = states.step[d.slots]
-        if plan.fresh.any():  # a prefill chunk: the request's block starts over
-            canvas = canvas.masked_fill(d.fresh[:, None], states.mask_token_id)
-            committed = committed & ~d.fresh[:, None]
-            history = history.masked_fill(d.fresh[:, None], 0.0)
-            step = step.masked_fill(d.fresh, 0)
-            states.pred_valid[d.slots] = states.pred_valid[d.slots] & ~d.fresh[:, None]
-
-        num_sampled = torch.zeros(input_batch.num_reqs, dtype=torch.int32, device=device)
-        sampled = torch.zeros(input_batch.num_reqs, cl, dtype=torch.int64, device=device)
-        offset = d.offset
+        proposals = None
         if plan.denoise.any():
-            canvas, committed, history, step, offset = self._denoise(
-                logits, input_batch, plan, d, canvas, committed, history, step, sampled,
-                num_sampled)
-        states.canvas[d.slots] = canvas
-        states.committed[d.slots] = committed
-        states.committed_confidence[d.slots] = history
-        states.step[d.slots] = step
-
+            need_entropy = any(POLICIES[name].needs_entropy for name, _, _ in plan.groups)
+            proposals = self._propose(logits, input_batch, plan, d, need_entropy)
+        out = None
+        if self._graphs is not None and proposals is not None:
+            out = self._graphs.replay(plan, proposals, need_entropy)
+        if out is None:
+            out = self.tail(plan, d.req, d.grid_row, proposals, d)
+        r = input_batch.num_reqs
         # The next step's canvas (the scheduler sizes it; the runner reads the values from here).
-        columns = (offset[:, None] + torch.arange(cl, device=device)).clamp_(max=cl - 1)
-        self.req_states.draft_tokens[d.slots, :cl] = canvas.gather(1, columns)
+        self.req_states.draft_tokens[d.req.slots, :self.canvas_length] = out.next_canvas[:r]
         if plan.drafting.any():  # also when not denoised: the line above overwrote their drafts
-            self._write_drafts(plan, d, canvas, committed, offset)
+            self._write_drafts(plan, d, out.canvas, out.committed, out.offset)
+        sampled, num_sampled = out.sampled[:r], out.num_sampled[:r]
         self._observe_markers(plan, sampled, num_sampled)
-
         return SamplerOutput(
             sampled_token_ids=sampled,
             logprobs_tensors=None,
@@ -260,11 +298,38 @@ class BlockDiffusionSampler:
             num_rejected=d.rejected,
         )
 
+    def tail(self, plan: StepPlan, req: _Req, grid_row: torch.Tensor,
+             proposals: tuple | None, d: _Device | None = None) -> _Tail:
+        """A step's work after the proposals: load the requests' block state, let the policies
+        commit, emit, store the state. Tensor ops only, no host sync, unless the plan has
+        grammars or drafts (`d` is needed then); `TailGraphs` captures it for other steps."""
+        states = self.states
+        cl = self.canvas_length
+        canvas = states.canvas[req.slots].masked_fill(req.fresh[:, None], states.mask_token_id)
+        committed = states.committed[req.slots] & ~req.fresh[:, None]
+        history = states.committed_confidence[req.slots].masked_fill(req.fresh[:, None], 0.0)
+        step = states.step[req.slots].masked_fill(req.fresh, 0)
+        if plan.drafting.any():
+            states.pred_valid[req.slots] = states.pred_valid[req.slots] & ~req.fresh[:, None]
+        if proposals is None:
+            offset = req.offset
+            sampled = torch.zeros_like(canvas)
+            num_sampled = torch.zeros_like(offset, dtype=torch.int32)
+        else:
+            canvas, committed, history, step, offset, sampled, num_sampled = self._denoise(
+                plan, req, grid_row, proposals, d, canvas, committed, history, step)
+        states.canvas[req.slots] = canvas
+        states.committed[req.slots] = committed
+        states.committed_confidence[req.slots] = history
+        states.step[req.slots] = step
+        columns = (offset[:, None] + torch.arange(cl, device=canvas.device)).clamp(max=cl - 1)
+        return _Tail(sampled, num_sampled, canvas.gather(1, columns), canvas, committed, offset)
+
     def _propose(self, logits: torch.Tensor, input_batch: InputBatch, plan: StepPlan,
-                 d: _Device, row_step: torch.Tensor, need_entropy: bool
+                 d: _Device, need_entropy: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token, confidence (and entropy) of every logit row, with each request's sampling
-        params; `row_step` is each row's denoising step.
+        params.
 
         Every operation is row by row and touches only rows whose request asks for it, so a
         row's proposal is the same whatever shares the batch (for greedy rows bit for bit).
@@ -276,21 +341,16 @@ class BlockDiffusionSampler:
         self._mask_grammar_rows(logits, input_batch, plan)
         pos = input_batch.positions[input_batch.logits_indices]
         self.base.logit_bias_state.apply_logit_bias(logits, idx, idx_np, pos)
-        tokens = logits.argmax(-1)  # greedy rows' proposals (the first maximum on ties)
+        tokens = None  # greedy rows' proposals: the argmax (the first maximum on ties)
         if plan.sampled_rows.size:
-            logits, tokens = self._sample(logits, input_batch, plan, d, pos, row_step, tokens)
-        # log_softmax reduces each row on its own (the reference decoder's formula); a
-        # logsumexp's vocab reduction is split by the row count (CUDA; CPU at one row). The
-        # entropy's sum still is, on CUDA: its last bits can follow the batch shape.
-        logp = logits.log_softmax(-1)
-        confidence = logp.gather(-1, tokens[:, None]).squeeze(-1).exp()
-        entropy = None
-        if need_entropy:
-            entropy = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+            logits, tokens = self._sample(logits, input_batch, plan, d, pos, logits.argmax(-1))
+        # One pass over each row on its own (the reference decoder's formula; on CUDA a kernel
+        # per row, so a row's numbers do not depend on the batch's shape).
+        tokens, confidence, entropy = vocab_stats(logits, tokens, need_entropy)
         return tokens, confidence, entropy
 
     def _sample(self, logits: torch.Tensor, input_batch: InputBatch, plan: StepPlan,
-                d: _Device, pos: torch.Tensor, row_step: torch.Tensor, tokens: torch.Tensor
+                d: _Device, pos: torch.Tensor, tokens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Temperature, min-p, top-k / top-p and seeded Gumbel noise for the sampled rows;
         greedy rows keep `tokens` and their logits (vLLM's temperature and min-p kernels skip
@@ -303,6 +363,8 @@ class BlockDiffusionSampler:
         logits = self._top_k_top_p(logits, idx, plan, d)
         # Seeded Gumbel noise is keyed by (seed, offset): vary it with the denoising step so a
         # position re-sampled in a later step draws fresh noise.
+        step = self.states.step[d.req.slots].masked_fill(d.req.fresh, 0)
+        row_step = step[d.logit_req]
         rng_pos = pos.long() + row_step * self.max_model_len
         if logits.is_cuda:  # the kernel adds no noise to greedy rows; their argmax stays ours
             sampled = gumbel_sample(logits, idx, ss.temperature.gpu, ss.seeds.gpu, rng_pos,
@@ -394,57 +456,43 @@ class BlockDiffusionSampler:
         self.grammar_stats.steps.append(self.grammar_stats.host_seconds)
         self.grammar_stats.host_seconds = 0.0
 
-    def _denoise(self, logits, input_batch, plan, d: _Device, canvas, committed, history, step,
-                 sampled, num_sampled):
-        """One denoising step on the gathered block state; returns the updated state and
-        each request's next canvas offset."""
-        device = logits.device
+    def _denoise(self, plan: StepPlan, req: _Req, grid_row: torch.Tensor, proposals: tuple,
+                 d: _Device | None, canvas, committed, history, step):
+        """One denoising step on the loaded block state: the updated state, each request's
+        next canvas offset, and the emitted tokens and their count."""
         cl = self.canvas_length
         states = self.states
-        groups: dict[str, list[int]] = {}
-        for i in np.flatnonzero(plan.denoise):
-            groups.setdefault(states.options[plan.slots[i]].policy, []).append(int(i))
-        need_entropy = any(POLICIES[name].needs_entropy for name in groups)
-        row_step = step[d.logit_req]
-        tokens, confidence, entropy = self._propose(logits, input_batch, plan, d, row_step,
-                                                    need_entropy)
-
-        # Scatter the denoising requests' logit rows onto [request, block offset] grids.
-        shape = (len(plan.slots), cl)
-        at = (d.rows_req, d.rows_col)
-        grid_tok = torch.zeros(shape, dtype=torch.int64, device=device)
-        grid_conf = torch.zeros(shape, dtype=torch.float32, device=device)
-        has_logit = torch.zeros(shape, dtype=torch.bool, device=device)
-        grid_tok[at] = tokens[d.rows_logit]
-        grid_conf[at] = confidence[d.rows_logit]
-        has_logit[at] = True
-        grid_ent = None
-        if entropy is not None:
-            grid_ent = torch.zeros(shape, dtype=torch.float32, device=device)
-            grid_ent[at] = entropy[d.rows_logit]
+        tokens, confidence, entropy = proposals
+        # The denoising requests' first-draft proposals on [request, block offset] grids.
+        has_logit = grid_row >= 0
+        at = grid_row.clamp(min=0)
+        grid_tok = torch.where(has_logit, tokens[at], 0)
+        grid_conf = torch.where(has_logit, confidence[at], 0.0)
+        grid_ent = None if entropy is None else torch.where(has_logit, entropy[at], 0.0)
 
         masked = has_logit & ~committed
         # Policies see the committed token where a position is committed, the proposal elsewhere.
         seen_tok = torch.where(committed, canvas, grid_tok)
-        is_stop = (seen_tok[:, :, None] == states.stop_table[d.slots][:, None, :]).any(-1)
-        commit = torch.zeros(shape, dtype=torch.bool, device=device)
-        for name, rows in groups.items():
+        is_stop = (seen_tok[:, :, None] == states.stop_table[req.slots][:, None, :]).any(-1)
+        commit = torch.zeros_like(masked)
+        committed_conf_sum = (history * committed).sum(-1)
+        committed_count = committed.sum(-1)
+        values = states.policy_values[req.slots]
+        for name, start, end in plan.groups:
             policy = POLICIES[name]
-            r = torch.tensor(rows, device=device)
+            r = slice(None) if start is None else d.group_rows[start:end]
             inp = PolicyInput(
                 confidence=grid_conf[r],
                 masked=masked[r],
                 tokens=seen_tok[r],
                 step=step[r],
-                block_length=d.block_length[r],
-                committed_confidence_sum=(history[r] * committed[r]).sum(-1),
-                committed_count=committed[r].sum(-1),
+                block_length=req.block_length[r],
+                committed_confidence_sum=committed_conf_sum[r],
+                committed_count=committed_count[r],
                 is_stop=is_stop[r],
                 entropy=grid_ent[r] if policy.needs_entropy else None,
             )
-            params = policy.batch_params(
-                [states.options[plan.slots[i]].params for i in rows],
-                [int(plan.block_length[i]) for i in rows], device)
+            params = policy.params_from_values(values[r], req.block_length[r])
             commit[r] = policy.select(inp, params) & masked[r]
         if plan.verify.any():
             self._verify_drafts(plan, d, tokens, confidence, masked, commit, grid_tok, grid_conf)
@@ -453,22 +501,25 @@ class BlockDiffusionSampler:
         canvas = torch.where(commit, grid_tok, canvas)
         committed = committed | commit
         history = torch.where(commit, grid_conf, history)
-        cols = torch.arange(cl, device=device)
-        offset, block_length = d.offset, d.block_length
+        cols = torch.arange(cl, device=canvas.device)
+        offset, block_length = req.offset, req.block_length
         outside = (cols[None, :] < offset[:, None]) | (cols[None, :] >= block_length[:, None])
         open_ = ~(committed | outside)
         first_open = torch.where(open_.any(-1), open_.int().argmax(-1), block_length)
-        num_sampled.copy_((first_open - offset).to(torch.int32))
-        sampled.copy_(canvas.gather(1, (offset[:, None] + cols).clamp_(max=cl - 1)))
+        first_open = torch.where(req.denoise, first_open, offset)
+        num_sampled = (first_open - offset).to(torch.int32)
+        sampled = canvas.gather(1, (offset[:, None] + cols).clamp(max=cl - 1))
 
         # A finished block starts the next one fully masked (no host sync to find which).
-        finished = d.denoise & (first_open >= block_length)
-        states.pred_valid[d.slots] = states.pred_valid[d.slots] & ~finished[:, None]
+        finished = req.denoise & (first_open >= block_length)
+        if plan.drafting.any():
+            states.pred_valid[req.slots] = states.pred_valid[req.slots] & ~finished[:, None]
         canvas = canvas.masked_fill(finished[:, None], states.mask_token_id)
         committed = committed & ~finished[:, None]
         history = history.masked_fill(finished[:, None], 0.0)
-        step = torch.where(finished, 0, torch.where(d.denoise, step + 1, step))
-        return canvas, committed, history, step, torch.where(finished, 0, first_open)
+        step = torch.where(finished, 0, torch.where(req.denoise, step + 1, step))
+        return (canvas, committed, history, step, torch.where(finished, 0, first_open), sampled,
+                num_sampled)
 
     def _verify_drafts(self, plan: StepPlan, d: _Device, tokens: torch.Tensor,
                        confidence: torch.Tensor, masked: torch.Tensor, commit: torch.Tensor,
@@ -495,7 +546,7 @@ class BlockDiffusionSampler:
         conf3[at] = confidence[d.drafts_logit]
         has3[at] = True
 
-        slots = d.slots[rows]
+        slots = d.req.slots[rows]
         open_ = masked[rows]
         pred_tok = states.pred_token[slots]
         pred_conf = states.pred_confidence[slots]
@@ -524,10 +575,10 @@ class BlockDiffusionSampler:
         states = self.states
         drafting = np.flatnonzero(plan.drafting)
         rows = torch.tensor(drafting, device=device)
-        slots = d.slots[rows]
+        slots = d.req.slots[rows]
         k_max = max(states.options[plan.slots[i]].params.drafts for i in drafting)
         cols = torch.arange(self.canvas_length, device=device)
-        off, b = offset[rows], d.block_length[rows]
+        off, b = offset[rows], d.req.block_length[rows]
         open_ = ~committed[rows] & (cols >= off[:, None]) & (cols < b[:, None])
         order, count = freedave.draft_order(states.pred_confidence[slots],
                                             states.pred_valid[slots] & open_)
@@ -556,3 +607,97 @@ class BlockDiffusionSampler:
         tokens, counts = sampled[index].tolist(), num_sampled[index].tolist()
         for i, row, count in zip(rows, tokens, counts, strict=True):
             states.observe(plan.slots[i], int(plan.num_tokens[i]), row[:count])
+
+
+class TailGraphs:
+    """CUDA graphs of `BlockDiffusionSampler.tail` for steps that need no host work.
+
+    A step whose requests all use one graph-safe policy, without grammars or drafts, replays a
+    graph captured once per (policy, entropy or not, request count rounded up to a power of
+    two): the tail's ~100 small kernels become one launch. Its inputs live in persistent
+    buffers: the request rows and the proposal grid (one pinned upload) and the proposals
+    (copied in); padding rows are inert requests on the block state's scratch slot. A graph is
+    captured the first time it is needed, from inert inputs, before that step's inputs are
+    written: capturing runs the tail once for warm-up, which then touches only the scratch slot.
+    Off CUDA the same buffers and padding run eagerly, so CPU tests cover everything but the
+    capture.
+    """
+
+    def __init__(self, sampler: BlockDiffusionSampler, max_logit_rows: int):
+        self.sampler = sampler
+        states = sampler.states
+        device = states.canvas.device
+        self.max_size = self._size(states.scratch)
+        cl = sampler.canvas_length
+        self._inputs = torch.zeros(self.max_size * (5 + cl), dtype=torch.int64, device=device)
+        self._tokens = torch.zeros(max_logit_rows, dtype=torch.int64, device=device)
+        self._confidence = torch.zeros(max_logit_rows, dtype=torch.float32, device=device)
+        self._entropy = torch.zeros(max_logit_rows, dtype=torch.float32, device=device)
+        self._staging = Staging(device)
+        self._graphs: dict[tuple[str, bool, int], Callable[[], _Tail]] = {}
+
+    @staticmethod
+    def _size(num_reqs: int) -> int:
+        return 1 << max(num_reqs - 1, 0).bit_length()
+
+    def _usable(self, plan: StepPlan) -> bool:
+        if len(plan.groups) != 1 or plan.groups[0][1] is not None:
+            return False
+        return (POLICIES[plan.groups[0][0]].graph_safe and not plan.drafting.any()
+                and not self.sampler.states.constrained_np[plan.slots].any())
+
+    def replay(self, plan: StepPlan, proposals: tuple, need_entropy: bool) -> _Tail | None:
+        """The step's tail from a graph, or None where the step needs the eager path."""
+        n = proposals[0].shape[0]
+        if not self._usable(plan) or n > self._tokens.shape[0]:
+            return None
+        size = self._size(len(plan.slots))
+        key = (plan.groups[0][0], need_entropy, size)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(*key)
+        replay = self._graphs[key]
+        pad = size - len(plan.slots)
+        flat = np.concatenate([plan.request_rows(pad, self.sampler.states.scratch).ravel(),
+                               plan.grid_rows(self.sampler.canvas_length, pad).ravel()])
+        self._staging.to_device(flat, out=self._inputs[:flat.size])
+        tokens, confidence, entropy = proposals
+        self._tokens[:n].copy_(tokens)
+        self._confidence[:n].copy_(confidence)
+        if entropy is not None:
+            self._entropy[:n].copy_(entropy)
+        return replay()
+
+    def _capture(self, policy: str, need_entropy: bool, size: int) -> Callable[[], _Tail]:
+        cl = self.sampler.canvas_length
+        inputs = self._inputs[:size * (5 + cl)]
+        grid = inputs[5 * size:].view(size, cl)
+        inert = SimpleNamespace(slots=np.zeros(0, np.int64), offset=np.zeros(0, np.int64),
+                                block_length=np.zeros(0, np.int64), denoise=np.zeros(0, bool),
+                                fresh=np.zeros(0, bool), rows=(np.zeros(0, np.int64),) * 3,
+                                groups=[(policy, None, None)], drafting=np.zeros(0, bool),
+                                verify=np.zeros(0, bool))
+        rows = StepPlan.request_rows(inert, size, self.sampler.states.scratch)
+        grid_rows = StepPlan.grid_rows(inert, cl, size)
+        inputs.copy_(torch.from_numpy(np.concatenate([rows.ravel(), grid_rows.ravel()])))
+        proposals = (self._tokens, self._confidence, self._entropy if need_entropy else None)
+
+        def run() -> _Tail:
+            req = _Req.of(inputs[:5 * size].view(5, size))  # captured: its bools too
+            return self.sampler.tail(inert, req, grid, proposals)
+
+        if not inputs.is_cuda:  # the same buffers and padding, run eagerly (CPU tests)
+            return run
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: lazy initialisation outside the capture
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+
+        def replay() -> _Tail:
+            graph.replay()
+            return out
+
+        return replay

@@ -57,12 +57,11 @@ class AdaBlockParams(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class AdaBlockPolicy(Policy):
-    def batch_params(self, rows: list[msgspec.Struct], block_lengths: list[int],
-                     device: torch.device) -> dict[str, torch.Tensor]:
+    def values(self, params: msgspec.Struct) -> list[float]:
         """None means no delimiter (the base class would read None as the block length)."""
-        rows = [msgspec.structs.replace(p, delimiter=_NO_DELIMITER)
-                if p.delimiter is None else p for p in rows]  # type: ignore[attr-defined]
-        return super().batch_params(rows, block_lengths, device)
+        if params.delimiter is None:  # type: ignore[attr-defined]
+            params = msgspec.structs.replace(params, delimiter=_NO_DELIMITER)
+        return super().values(params)
 
 
 def window_end(inp: PolicyInput, params: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,11 +7,13 @@ plain-PyTorch reference decoder, and unit tests call them on synthetic confidenc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, NamedTuple
 
 import msgspec
+import msgspec.inspect
 import torch
 
 # Integer parameters bounded by a serve setting, which msgspec's `Meta` (constants only) cannot
@@ -58,20 +60,46 @@ class Policy:
     verifies_drafts: bool = False
     # Parameters only the server sets (serve defaults): e.g. a file path the server would read.
     server_params: tuple[str, ...] = ()
+    # `select` is tensor work on its inputs only (no host state that may change between steps),
+    # so the engine may replay it from a CUDA graph.
+    graph_safe: bool = True
     doc: str = ""
+
+    def values(self, params: msgspec.Struct) -> list[float]:
+        """One request's parameters as numbers, in field order: a string becomes its `intern`
+        handle, None (a field that defaults to the block length) NaN. The engine keeps these
+        rows on the device from the request's arrival (`params_from_values` reads them)."""
+        row = [getattr(params, field) for field in self.params_cls.__struct_fields__]
+        return [float("nan") if v is None else float(intern(v) if isinstance(v, str) else v)
+                for v in row]
+
+    def params_from_values(self, values: torch.Tensor, block_length: torch.Tensor
+                           ) -> dict[str, torch.Tensor]:
+        """`select`'s params from [R, >= fields] float64 rows of `values` and the rows' block
+        lengths: tensor ops only, no host sync."""
+        out: dict[str, torch.Tensor] = {}
+        for j, field in enumerate(self.params_cls.__struct_fields__):
+            column = values[:, j]
+            if field in _float_fields(self.params_cls):
+                out[field] = column.float()
+            else:
+                out[field] = torch.where(column.isnan(), block_length, column.long())
+        return out
 
     def batch_params(self, rows: list[msgspec.Struct], block_lengths: list[int],
                      device: torch.device) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for field in self.params_cls.__struct_fields__:
-            values: list[Any] = [getattr(p, field) for p in rows]
-            # A field left as None defaults to the request's block length (e.g. steps = B).
-            values = [b if v is None else v for v, b in zip(values, block_lengths, strict=True)]
-            if isinstance(values[0], str):  # e.g. a file path: rows carry its handle
-                values = [intern(v) for v in values]
-            dtype = torch.float32 if isinstance(values[0], float) else torch.int64
-            out[field] = torch.tensor(values, dtype=dtype, device=device)
-        return out
+        """`params_from_values` for parameter structs given on the host (tests, reference)."""
+        values = torch.tensor([self.values(p) for p in rows], dtype=torch.float64).reshape(
+            len(rows), -1)
+        return self.params_from_values(values.to(device),
+                                       torch.tensor(block_lengths, device=device))
+
+
+@functools.cache
+def _float_fields(params_cls: type[msgspec.Struct]) -> frozenset[str]:
+    """Fields typed float (float32 tensors); the others are integers, bools or handles (int64)."""
+    info = msgspec.inspect.type_info(params_cls)
+    return frozenset(f.name for f in info.fields if isinstance(f.type, msgspec.inspect.FloatType))
 
 
 _INTERNED: dict[str, int] = {}

@@ -132,5 +132,6 @@ def select(inp: PolicyInput, params: dict[str, torch.Tensor]) -> torch.Tensor:
     return (accepted & inp.masked) | top1_mask(inp)
 
 
+# Not graph-safe: the filters a step runs are the files loaded so far (`_LOADED`).
 POLICY = Policy("learn2pd", Learn2PDParams, select, server_params=("filter",),
-                doc=__doc__ or "")
+                graph_safe=False, doc=__doc__ or "")
