@@ -78,9 +78,9 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
     llm = LLM(path, load_format="dummy", dtype="bfloat16", enforce_eager=eager,
               max_model_len=max(prompt_len, ttft_prompt_len) + max_tokens + 64,
               gpu_memory_utilization=0.5, max_num_seqs=max(batches), seed=0,
-              compilation_config={"cudagraph_mode": cudagraph_mode} if cudagraph_mode else None,
+              compilation_config={"cudagraph_mode": cudagraph_mode} if cudagraph_mode else {},
               additional_config={"blockdiff": {"max_block_length": max(max_block, 16)}}
-              if arch == "sdar" else None)
+              if arch == "sdar" else {})
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for block_length, steps in configs:
