@@ -78,6 +78,8 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
     llm = LLM(path, load_format="dummy", dtype="bfloat16", enforce_eager=eager,
               max_model_len=max(prompt_len, ttft_prompt_len) + max_tokens + 64,
               gpu_memory_utilization=0.5, max_num_seqs=max(batches), seed=0,
+              # with prefix caching, block lengths must divide the KV page (B=32 included)
+              block_size=max(16, max_block) if arch == "sdar" else None,
               compilation_config={"cudagraph_mode": cudagraph_mode} if cudagraph_mode else {},
               additional_config={"blockdiff": {"max_block_length": max(max_block, 16)}}
               if arch == "sdar" else {})

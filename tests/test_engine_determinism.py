@@ -71,3 +71,39 @@ def test_greedy_beside_greedy_of_other_kinds_equals_alone(llm, alone):
     """Other greedy requests, including drafting and constrained ones, repeated in one batch."""
     outputs = generate(llm, GREEDY * 3)
     assert outputs == alone * 3
+
+
+_SLOW_GRAMMAR = """
+import json, os, sys, time
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the delay below applies
+sys.path.insert(0, sys.argv[2])
+from vllm_blockdiff.engine.model_state import BlockDiffusionModelState as State
+compile_grammar = State._constraint
+def slow(self, *args, **kwargs):
+    time.sleep(0.3)
+    return compile_grammar(self, *args, **kwargs)
+State._constraint = slow
+from vllm import LLM
+from conftest import ENGINE_ARGS
+import test_engine_determinism as t
+llm = LLM(sys.argv[1], **ENGINE_ARGS)
+print(json.dumps([t.generate(llm, [t.GREEDY[3]])[0],
+                  t.generate(llm, t.SAMPLED + t.GREEDY)[len(t.SAMPLED) + 3]]))
+"""
+
+
+def test_greedy_equals_alone_while_grammars_compile(tiny_sdar):
+    """Slowly compiling grammars (0.3 s each, one after the other) keep their requests waiting
+    while the small token budget cuts other canvases short: a step that runs none of a request's
+    canvas must keep its block state (it used to reset it, and the greedy output changed)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    run = subprocess.run([sys.executable, "-c", _SLOW_GRAMMAR, tiny_sdar, tests],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    alone, beside = json.loads(run.stdout.strip().splitlines()[-1])
+    assert beside == alone

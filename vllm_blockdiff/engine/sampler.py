@@ -118,7 +118,6 @@ class StepPlan:
         # Requests whose policy drafts (FreeDave), and those of them denoised this step.
         self.drafting = states.verifies_drafts_np[self.slots]
         self.verify = self.denoise & self.drafting
-        self.fresh = self.drafts == 0  # prefill chunk: the block starts over
         # Denoising requests grouped by policy: (name, start, end) into `group_rows`, or, when
         # the whole batch shares one policy, one group of every row (no gathers).
         policy = states.policy_np[self.slots]
@@ -148,10 +147,10 @@ class StepPlan:
                      np.where(rows_local < rest, rows_local + self.offset[rows_req], beyond % b))
 
     def request_rows(self, pad: int = 0, scratch: int = 0) -> np.ndarray:
-        """[5, R + pad]: slot, offset, block length, denoised, fresh (`_Req`); padding rows are
-        inert requests on the scratch slot."""
-        rows = np.stack([self.slots, self.offset, self.block_length, self.denoise, self.fresh])
-        padding = np.array([[scratch], [0], [1], [0], [0]]).repeat(pad, axis=1)
+        """[4, R + pad]: slot, offset, block length, denoised (`_Req`); padding rows are inert
+        requests on the scratch slot."""
+        rows = np.stack([self.slots, self.offset, self.block_length, self.denoise])
+        padding = np.array([[scratch], [0], [1], [0]]).repeat(pad, axis=1)
         return np.concatenate([rows.astype(np.int64), padding], axis=1)
 
     def grid_rows(self, canvas_length: int, pad: int = 0) -> np.ndarray:
@@ -186,12 +185,11 @@ class _Req(NamedTuple):
     offset: torch.Tensor  # first open block offset (the emitted prefix ends there)
     block_length: torch.Tensor
     denoise: torch.Tensor  # bool: the request's canvas ran this forward
-    fresh: torch.Tensor  # bool: a prefill chunk, the block starts over
 
     @classmethod
     def of(cls, rows: torch.Tensor) -> _Req:
-        """From the [5, R] int64 rows of `StepPlan.request_rows`."""
-        return cls(rows[0], rows[1], rows[2], rows[3] != 0, rows[4] != 0)
+        """From the [4, R] int64 rows of `StepPlan.request_rows`."""
+        return cls(rows[0], rows[1], rows[2], rows[3] != 0)
 
 
 class _Device(NamedTuple):
@@ -268,7 +266,7 @@ class BlockDiffusionSampler:
         flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in parts])
         views = torch.split(self._staging.to_device(flat), [np.size(a) for a in parts])
         r = len(plan.slots)
-        return _Device(_Req.of(views[0].view(5, r)), views[1].view(r, self.canvas_length),
+        return _Device(_Req.of(views[0].view(4, r)), views[1].view(r, self.canvas_length),
                        views[2].to(torch.int32), *views[3:-3], views[-3].bool(), *views[-2:])
 
     def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
@@ -305,12 +303,12 @@ class BlockDiffusionSampler:
         grammars or drafts (`d` is needed then); `TailGraphs` captures it for other steps."""
         states = self.states
         cl = self.canvas_length
-        canvas = states.canvas[req.slots].masked_fill(req.fresh[:, None], states.mask_token_id)
-        committed = states.committed[req.slots] & ~req.fresh[:, None]
-        history = states.committed_confidence[req.slots].masked_fill(req.fresh[:, None], 0.0)
-        step = states.step[req.slots].masked_fill(req.fresh, 0)
-        if plan.drafting.any():
-            states.pred_valid[req.slots] = states.pred_valid[req.slots] & ~req.fresh[:, None]
+        # A request's block state was reset when it was added (or resumed); a step that runs
+        # none of its canvas (a prefill chunk, or a token budget that cut it) keeps it as is.
+        canvas = states.canvas[req.slots]
+        committed = states.committed[req.slots]
+        history = states.committed_confidence[req.slots]
+        step = states.step[req.slots]
         if proposals is None:
             offset = req.offset
             sampled = torch.zeros_like(canvas)
@@ -363,8 +361,7 @@ class BlockDiffusionSampler:
         logits = self._top_k_top_p(logits, idx, plan, d)
         # Seeded Gumbel noise is keyed by (seed, offset): vary it with the denoising step so a
         # position re-sampled in a later step draws fresh noise.
-        step = self.states.step[d.req.slots].masked_fill(d.req.fresh, 0)
-        row_step = step[d.logit_req]
+        row_step = self.states.step[d.req.slots][d.logit_req]
         rng_pos = pos.long() + row_step * self.max_model_len
         if logits.is_cuda:  # the kernel adds no noise to greedy rows; their argmax stays ours
             sampled = gumbel_sample(logits, idx, ss.temperature.gpu, ss.seeds.gpu, rng_pos,
@@ -629,7 +626,7 @@ class TailGraphs:
         device = states.canvas.device
         self.max_size = self._size(states.scratch)
         cl = sampler.canvas_length
-        self._inputs = torch.zeros(self.max_size * (5 + cl), dtype=torch.int64, device=device)
+        self._inputs = torch.zeros(self.max_size * (4 + cl), dtype=torch.int64, device=device)
         self._tokens = torch.zeros(max_logit_rows, dtype=torch.int64, device=device)
         self._confidence = torch.zeros(max_logit_rows, dtype=torch.float32, device=device)
         self._entropy = torch.zeros(max_logit_rows, dtype=torch.float32, device=device)
@@ -669,11 +666,11 @@ class TailGraphs:
 
     def _capture(self, policy: str, need_entropy: bool, size: int) -> Callable[[], _Tail]:
         cl = self.sampler.canvas_length
-        inputs = self._inputs[:size * (5 + cl)]
-        grid = inputs[5 * size:].view(size, cl)
+        inputs = self._inputs[:size * (4 + cl)]
+        grid = inputs[4 * size:].view(size, cl)
         inert = SimpleNamespace(slots=np.zeros(0, np.int64), offset=np.zeros(0, np.int64),
                                 block_length=np.zeros(0, np.int64), denoise=np.zeros(0, bool),
-                                fresh=np.zeros(0, bool), rows=(np.zeros(0, np.int64),) * 3,
+                                rows=(np.zeros(0, np.int64),) * 3,
                                 groups=[(policy, None, None)], drafting=np.zeros(0, bool),
                                 verify=np.zeros(0, bool))
         rows = StepPlan.request_rows(inert, size, self.sampler.states.scratch)
@@ -682,7 +679,7 @@ class TailGraphs:
         proposals = (self._tokens, self._confidence, self._entropy if need_entropy else None)
 
         def run() -> _Tail:
-            req = _Req.of(inputs[:5 * size].view(5, size))  # captured: its bools too
+            req = _Req.of(inputs[:4 * size].view(4, size))  # captured: its bools too
             return self.sampler.tail(inert, req, grid, proposals)
 
         if not inputs.is_cuda:  # the same buffers and padding, run eagerly (CPU tests)
