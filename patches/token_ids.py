@@ -11,6 +11,11 @@ tensors (vLLM's min_tokens state, the plugin's stop table), so 2**63 kills the e
 fails to encode (HTTP 500).
 
 Both now lie in [0, `vocabulary_limit`), for every model, AR ones included.
+
+`seed` and `top_k`, the other request integers the workers store in int64 arrays, are not
+bounded by vLLM either (its OpenAI server bounds `seed`, not `top_k`; offline requests neither):
+2**63 kills the engine ("Python int too large to convert to C long" in the sampling states) and
+2**64 fails to encode. They must fit in int64.
 """
 
 from __future__ import annotations
@@ -39,6 +44,18 @@ def _check(field: str, ids: list[int], limit: int) -> None:
                                   parameter=field, value=bad)
 
 
+INT64 = (-(2**63), 2**63)
+_INT64_FIELDS = ("seed", "top_k")
+
+
+def _check_int64(params: SamplingParams) -> None:
+    for field in _INT64_FIELDS:
+        value = getattr(params, field)
+        if value is not None and not INT64[0] <= value < INT64[1]:
+            raise VLLMValidationError(f"{field}: {value} does not fit in a 64-bit integer",
+                                      parameter=field, value=value)
+
+
 def apply() -> None:
     validate_input = InputProcessor._validate_model_input
     verify = SamplingParams.verify
@@ -54,6 +71,7 @@ def apply() -> None:
     def verify_stop_ids(self: SamplingParams, model_config: Any, speculative_config: Any,
                         structured_outputs_config: Any, tokenizer: Any) -> None:
         verify(self, model_config, speculative_config, structured_outputs_config, tokenizer)
+        _check_int64(self)
         if self.stop_token_ids:
             _check("stop_token_ids", self.stop_token_ids,
                    vocabulary_limit(model_config, tokenizer))

@@ -40,3 +40,22 @@ def test_moe_layout(tmp_path):
     assert config["architectures"] == ["SDARMoeForCausalLM"] and config["num_experts"] == 4
     with safe_open(out / "model.safetensors", "pt") as f:
         assert "model.layers.0.mlp.experts.3.down_proj.weight" in set(f.keys())
+
+
+def test_fast_dllm_layout(tmp_path):
+    """Fast-dLLM v2 1.5B's layout: Qwen2 layers (q/k/v biases, no q/k norms), tied embeddings,
+    `bd_size` and `layer_types`; the reference network reads it back."""
+    from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(tmp_path / "fast", arch="fast_dllm", block_size=8)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Fast_dLLM_QwenForCausalLM"]
+    assert config["bd_size"] == 8 and config["layer_types"] == ["full_attention"] * 2
+    published = json.loads((CONFIGS / "Fast_dLLM_v2_1.5B-config.json").read_text())
+    assert set(published) - {"transformers_version", "initializer_range"} <= set(config)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.bias" in names
+    assert not any("q_norm" in n or "lm_head" in n for n in names)
+    model = CausalLM.from_pretrained(out)
+    assert model.args.attention_bias and not model.args.qk_norm

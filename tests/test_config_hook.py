@@ -121,5 +121,25 @@ def test_full_cuda_graphs_unless_the_user_chose(chosen, expected):
     from vllm_blockdiff.engine.config_hook import use_full_cuda_graphs
 
     compilation = CompilationConfig(cudagraph_mode=chosen and CUDAGraphMode[chosen])
-    use_full_cuda_graphs(SimpleNamespace(compilation_config=compilation))
+    use_full_cuda_graphs(SimpleNamespace(compilation_config=compilation,
+                                         scheduler_config=SimpleNamespace(max_num_seqs=256)), 4)
     assert compilation.cudagraph_mode == CUDAGraphMode[expected]
+
+
+@pytest.mark.parametrize("max_num_seqs, block_length, user, expected", [
+    (256, 4, None, 2048), (256, 16, None, 2048), (64, 4, None, 512), (8, 4, None, 512),
+    (256, 4, 128, 128)])
+def test_full_graphs_cover_a_commit_and_a_step_per_request(max_num_seqs, block_length, user,
+                                                           expected):
+    """Up to 2B tokens per request (at least vLLM's 512, at most 2048), unless the user chose."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig
+
+    from vllm_blockdiff.engine.config_hook import use_full_cuda_graphs
+
+    compilation = CompilationConfig(max_cudagraph_capture_size=user)
+    use_full_cuda_graphs(SimpleNamespace(
+        compilation_config=compilation,
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs)), block_length)
+    assert compilation.max_cudagraph_capture_size == expected

@@ -150,6 +150,19 @@ def test_token_ids_refuses_stop_ids_past_the_vocabulary(ids, diffusion):
         params.verify(model, None, None, None)
 
 
+@pytest.mark.parametrize("field", ["seed", "top_k"])
+@pytest.mark.parametrize("value", [2**63, 2**64])
+def test_token_ids_refuses_seed_and_top_k_past_int64(field, value):
+    """The workers hold seeds and top-k in int64 arrays: 2**63 killed the engine (measured on
+    the bundled model, AR or diffusion), 2**64 failed to encode (HTTP 500)."""
+    model = _input_processor().model_config
+    params = SamplingParams(temperature=1.0, **{field: value})
+    SamplingParams.verify.__wrapped__(params, model, None, None, None)  # vLLM 0.26 alone
+    with pytest.raises(ValueError, match=rf"^{field}: {value} does not fit in a 64-bit integer"):
+        params.verify(model, None, None, None)
+    SamplingParams(temperature=1.0, **{field: 2**63 - 1}).verify(model, None, None, None)
+
+
 def test_early_validation_refuses_when_generate_is_called():
     """vLLM 0.26 validates a request on the first iteration of `AsyncLLM.generate`, which a
     streamed response runs after sending HTTP 200; patched, calling `generate()` raises."""

@@ -99,6 +99,8 @@ BAD_REQUESTS = [
     *[({"extra_body": {"vllm_xargs": xargs}}, f"vllm_xargs.{field}") for xargs, field in BAD_XARGS],
     ({"prompt": lambda vocab: [10, vocab, 11]}, "prompt: token id"),  # vLLM's own off-by-one
     ({"extra_body": {"stop_token_ids": [2**63]}}, "stop_token_ids: token id"),
+    ({"seed": 2**64}, "'seed'"),  # vLLM's server bounds it (the patch: offline requests)
+    ({"extra_body": {"top_k": 2**64}}, "top_k: "),  # HTTP 500 (msgpack)
     ({"logprobs": 1, "stream": True}, "logprobs"),
     ({"stream": True, "extra_body": {"vllm_xargs": {"policy": "static", "steps": 2**63}}},
      "vllm_xargs.steps"),

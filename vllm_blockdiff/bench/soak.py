@@ -29,6 +29,9 @@ GREEDY = dict(prompt="Q: 12+7=", max_tokens=24, temperature=0,
                                                            "block_length": 8}})
 BAD_XARGS = [{"policy": "static", "steps": 2**63}, {"policy": "nonsense"}, {"threshold": 2.0},
              {"_blockdiff_grammar": "{}"}, {"policy": "tccf", "marker": 2**64}]
+# Each bad request: its extra arguments (plugin options, then vLLM sampling fields).
+BAD = [{"extra_body": {"vllm_xargs": x}} for x in BAD_XARGS] + [
+    {"seed": 2**63}, {"seed": 2**64}, {"extra_body": {"top_k": 2**63}}]
 
 
 @contextlib.contextmanager
@@ -82,8 +85,7 @@ def _one(client: openai.OpenAI, model: str, kind: str, reference: str, rng: rand
             return "2xx"
         else:  # bad
             client.completions.create(model=model, prompt="x", max_tokens=4,
-                                      stream=rng.random() < 0.5,
-                                      extra_body={"vllm_xargs": rng.choice(BAD_XARGS)})
+                                      stream=rng.random() < 0.5, **rng.choice(BAD))
             return "2xx"  # a bad request that was accepted
         return "2xx" if text == reference else "mismatch"
     except openai.APIStatusError as e:

@@ -14,10 +14,13 @@ scheduled as draft tokens). Per step and request the sampler
      to the current block's start. A finished block is therefore recomputed once more, fused with
      the first denoising step of the next block (block-causal attention makes that one forward).
 
-Per step: the host plans from the scheduler's counts (numpy), uploads the plan in one copy and
-groups requests by policy; proposals, commits and emission are tensor work over all logit rows
-and canvases, one policy call per policy present; the only host syncs are for grammars (masks
-and runs: host work per constrained request) and TCCF markers.
+Per step: the host plans from the scheduler's counts (numpy) and uploads the plan in one pinned
+copy; proposals are one pass per logit row (`kernels/vocab_pass.py`); the rest (`tail`: load the
+block state, the policies, commit, emit, store) is tensor work over all canvases, one policy call
+per policy present, with parameters kept on the device. No Python loop over requests touches the
+device and nothing waits for it, except for grammars (masks and runs: host work per constrained
+request), FreeDave's drafts and TCCF markers. Steps without those replay `tail` from a CUDA graph
+(`TailGraphs`).
 """
 
 from __future__ import annotations
@@ -112,7 +115,9 @@ class StepPlan:
         # short by the token budget is not denoised at all, so batching never changes outputs.
         self.denoise = (self.drafts > 0) & (full_canvas | (end >= max_model_len))
         # A request whose grammar still compiles waits: the step is redone once it is ready.
-        self.denoise &= [states.grammar_ready(int(s)) for s in self.slots]
+        self.constrained = states.constrained_np[self.slots]
+        for i in np.flatnonzero(self.denoise & self.constrained):
+            self.denoise[i] = states.grammar_ready(int(self.slots[i]))
         # Drafts side by side (FreeDave); one for every other policy.
         self.num_drafts = np.where(self.denoise, 1 + np.maximum(extra, 0) // self.block_length, 0)
         # Requests whose policy drafts (FreeDave), and those of them denoised this step.
@@ -394,8 +399,7 @@ class BlockDiffusionSampler:
 
     def _constrained(self, plan: StepPlan) -> list[int]:
         """Batch indices of denoising requests with a grammar."""
-        return [int(i) for i in np.flatnonzero(plan.denoise)
-                if self.states.constraints[plan.slots[i]] is not None]
+        return np.flatnonzero(plan.denoise & plan.constrained).tolist()
 
     def _mask_grammar_rows(self, logits: torch.Tensor, input_batch: InputBatch,
                            plan: StepPlan) -> None:
@@ -641,7 +645,7 @@ class TailGraphs:
         if len(plan.groups) != 1 or plan.groups[0][1] is not None:
             return False
         return (POLICIES[plan.groups[0][0]].graph_safe and not plan.drafting.any()
-                and not self.sampler.states.constrained_np[plan.slots].any())
+                and not plan.constrained.any())
 
     def replay(self, plan: StepPlan, proposals: tuple, need_entropy: bool) -> _Tail | None:
         """The step's tail from a graph, or None where the step needs the eager path."""
@@ -672,6 +676,7 @@ class TailGraphs:
                                 block_length=np.zeros(0, np.int64), denoise=np.zeros(0, bool),
                                 rows=(np.zeros(0, np.int64),) * 3,
                                 groups=[(policy, None, None)], drafting=np.zeros(0, bool),
+                                constrained=np.zeros(0, bool),
                                 verify=np.zeros(0, bool))
         rows = StepPlan.request_rows(inert, size, self.sampler.states.scratch)
         grid_rows = StepPlan.grid_rows(inert, cl, size)

@@ -1,4 +1,5 @@
-"""A small, plain-PyTorch SDAR / Qwen3 transformer that reads and writes the HF checkpoint layout.
+"""A small, plain-PyTorch SDAR / Qwen3 (and Fast-dLLM v2 / Qwen2) transformer that reads and
+writes the HF checkpoint layout.
 
 It is the independent half of the parity tests (no vLLM code is used) and the network the testbed
 trains. Attention takes an explicit boolean mask, so the same module runs causal (the AR twin),
@@ -32,6 +33,7 @@ class ModelArgs(msgspec.Struct, kw_only=True):
     rope_theta: float = 1_000_000.0
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qk_norm: bool = True  # Qwen3 normalises queries and keys per head; Qwen2 does not
     # Qwen3-MoE (SDAR-MoE) fields; num_experts == 0 means a dense model.
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -52,7 +54,14 @@ class ModelArgs(msgspec.Struct, kw_only=True):
     @classmethod
     def from_config(cls, config: dict) -> ModelArgs:
         fields = set(cls.__struct_fields__)
-        return msgspec.convert({k: v for k, v in config.items() if k in fields}, cls)
+        values = {k: v for k, v in config.items() if k in fields}
+        if config.get("model_type") in QWEN2_LAYOUTS:  # hard-coded in Qwen2's layers
+            values.update(attention_bias=True, qk_norm=False)
+        return msgspec.convert(values, cls)
+
+
+# model_types with Qwen2's layers: q/k/v biases, no query/key norms (Fast-dLLM v2 is Qwen2.5).
+QWEN2_LAYOUTS = ("qwen2", "Fast_dLLM_Qwen")
 
 
 class RMSNorm(nn.Module):
@@ -97,8 +106,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, kv * d, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, kv * d, bias=bias)
         self.o_proj = nn.Linear(h * d, args.hidden_size, bias=False)
-        self.q_norm = RMSNorm(d, args.rms_norm_eps)
-        self.k_norm = RMSNorm(d, args.rms_norm_eps)
+        self.q_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else nn.Identity()
 
     def forward(
         self,

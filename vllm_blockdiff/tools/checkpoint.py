@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from vllm_blockdiff.reference.modeling import CausalLM, ModelArgs
+from vllm_blockdiff.reference.modeling import QWEN2_LAYOUTS, CausalLM, ModelArgs
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -32,6 +32,8 @@ ARCHITECTURES = {
     "sdar": ("SDARForCausalLM", "sdar"),
     "sdar_moe": ("SDARMoeForCausalLM", "sdar_moe"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "fast_dllm": ("Fast_dLLM_QwenForCausalLM", "Fast_dLLM_Qwen"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
 }
 
 
@@ -129,6 +131,19 @@ def model_config(
             decoder_sparse_step=args.decoder_sparse_step,
             mlp_only_layers=args.mlp_only_layers,
         )
+    if model_type in QWEN2_LAYOUTS:  # Qwen2 config.json: no head_dim or attention_bias keys
+        del config["head_dim"], config["attention_bias"]
+        config["pad_token_id"] = special_ids[EOS]
+    if arch == "fast_dllm":
+        # Keys of the published Fast-dLLM v2 config.json: remote code, the block size, and
+        # `layer_types`, which its attention layers index.
+        config["auto_map"] = {
+            "AutoConfig": "configuration.Fast_dLLM_QwenConfig",
+            "AutoModel": "modeling.Fast_dLLM_QwenModel",
+            "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM",
+        }
+        config["bd_size"] = block_size or 32
+        config["layer_types"] = ["full_attention"] * args.num_hidden_layers
     if arch.startswith("sdar"):
         # Keys of the published SDAR config.json that inference ignores (remote code, training).
         stem, cls = ("sdar_moe", "SDARMoe") if args.num_experts else ("sdar", "SDAR")

@@ -1,4 +1,5 @@
-"""Write a tiny random-weight SDAR (or Qwen3) checkpoint with a locally trained tokenizer.
+"""Write a tiny random-weight SDAR, Fast-dLLM v2 (or Qwen3 / Qwen2) checkpoint with a locally
+trained tokenizer.
 
     python -m vllm_blockdiff.tools.make_tiny_checkpoint OUTDIR --arch sdar --block-size 4
 
@@ -64,6 +65,9 @@ def make_tiny_checkpoint(
         head_dim=hidden_size // num_heads,
         **(dict(num_experts=num_experts, num_experts_per_tok=2,
                 moe_intermediate_size=hidden_size * 2) if arch == "sdar_moe" else {}),
+        # Qwen2 layers (Fast-dLLM v2 1.5B: q/k/v biases, no q/k norms, tied embeddings)
+        **(dict(attention_bias=True, qk_norm=False, tie_word_embeddings=True)
+           if arch in ("fast_dllm", "qwen2") else {}),
     )
     model = random_model(args, seed, logit_scale)
     return write_checkpoint(outdir, model, tok, arch, block_size, torch_dtype=torch_dtype)
@@ -72,7 +76,8 @@ def make_tiny_checkpoint(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir")
-    parser.add_argument("--arch", choices=["sdar", "sdar_moe", "qwen3"], default="sdar")
+    parser.add_argument("--arch", choices=["sdar", "sdar_moe", "qwen3", "fast_dllm", "qwen2"],
+                        default="sdar")
     parser.add_argument("--block-size", type=int, default=4,
                         help="block length in config.json (0: omit it, like published SDAR)")
     parser.add_argument("--vocab-size", type=int, default=384)
