@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import msgspec
@@ -69,8 +72,9 @@ def _prompts(batch: int, prompt_len: int) -> list:
 
 
 def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, eager,
-               cudagraph_mode: str | None, ttft_prompt_len: int) -> tuple[list[Row], float]:
-    """Rows per (config, batch), and the seconds to the first token of one long prompt."""
+               cudagraph_mode: str | None, ttft_prompt_len: int, on_row) -> tuple[list[Row], float]:
+    """Rows per (config, batch), each also passed to `on_row` as it is measured, and the seconds
+    to the first token of one long prompt."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -111,6 +115,7 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
                             ms_per_forward=round(dt * 1e3 / slowest, 3), card=card,
                             cudagraph_mode=cudagraph_mode or "default"))
             print(msgspec.json.encode(rows[-1]).decode(), flush=True)
+            on_row(rows[-1])
     block_length, steps = configs[0]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False,
                             extra_args={"policy": "static", "block_length": block_length,
@@ -141,13 +146,33 @@ def main() -> None:
     a = p.parse_args()
     configs = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",")]
     common = (a.batch, a.prompt_len, a.max_tokens, a.eager)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        rows, ar_ttft = run_engine(write_shape(root, a.shape, "qwen3"), "qwen3", [(1, 1)],
-                                   *common, None, a.ttft_prompt_len)
-        sdar_rows, sdar_ttft = run_engine(write_shape(root, a.shape, "sdar"), "sdar", configs,
-                                          *common, a.cudagraph_mode, a.ttft_prompt_len)
-    rows += sdar_rows
+    rows: list[Row] = []
+    ttft: dict = {"prompt_len": a.ttft_prompt_len}
+
+    def save(row: Row | None = None) -> None:
+        """The JSON so far: a run cut short by a time limit keeps what it measured."""
+        if row is not None:
+            rows.append(row)
+        Path(a.out).write_text(json.dumps({
+            "shape": a.shape, "prompt_len": a.prompt_len, "max_tokens": a.max_tokens,
+            "eager": a.eager, "card": rows[0].card if rows else None, "ttft": ttft,
+            "rows": msgspec.to_builtins(rows)}, indent=2))
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            _, ttft["ar_s"] = run_engine(write_shape(root, a.shape, "qwen3"), "qwen3", [(1, 1)],
+                                         *common, None, a.ttft_prompt_len, save)
+            save()
+            _, ttft["diffusion_s"] = run_engine(write_shape(root, a.shape, "sdar"), "sdar",
+                                                configs, *common, a.cudagraph_mode,
+                                                a.ttft_prompt_len, save)
+            save()
+    except BaseException:
+        # vLLM's engine process can keep a failed run alive until the device call's limit.
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
     ar = {r.batch: r.tokens_per_s for r in rows if r.engine == "ar"}
     ar_ms = {r.batch: r.ms_per_forward for r in rows if r.engine == "ar"}
     header = ("engine", "B", "steps", "batch", "TPF", "ms/fwd", "vs AR", "tok/s", "vs AR")
@@ -158,14 +183,8 @@ def main() -> None:
               f"{r.tokens_per_forward:6.2f} {r.ms_per_forward:7.2f} "
               f"{r.ms_per_forward / ar_ms[r.batch]:6.2f} {r.tokens_per_s:10.1f} "
               f"{r.tokens_per_s / ar[r.batch]:6.2f}")
-    print(f"TTFT ({a.ttft_prompt_len}-token prompt): AR {ar_ttft * 1e3:.1f} ms, diffusion "
-          f"{sdar_ttft * 1e3:.1f} ms ({sdar_ttft / ar_ttft:.2f}x)")
-    Path(a.out).write_text(json.dumps({"shape": a.shape, "prompt_len": a.prompt_len,
-                                       "max_tokens": a.max_tokens, "eager": a.eager,
-                                       "card": rows[0].card,
-                                       "ttft": {"prompt_len": a.ttft_prompt_len,
-                                                "ar_s": ar_ttft, "diffusion_s": sdar_ttft},
-                                       "rows": msgspec.to_builtins(rows)}, indent=2))
+    print(f"TTFT ({a.ttft_prompt_len}-token prompt): AR {ttft['ar_s'] * 1e3:.1f} ms, diffusion "
+          f"{ttft['diffusion_s'] * 1e3:.1f} ms ({ttft['diffusion_s'] / ttft['ar_s']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -44,11 +44,11 @@ for step in "$@"; do
       echo "invariant rc=$?"; tail -2 "$OUT/invariant_gpu.log" ;;
     profile)
       (cd benchmarks && timeout ${PROFILE_S:-330} python3 step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
-        --configs 4:4,4:1 --cudagraph-modes ${MODES:-PIECEWISE,default} \
+        --configs ${CONFIGS:-4:4,4:1} --cudagraph-modes ${MODES:-PIECEWISE,default} \
         --out "$OUT/step_profile_$card.json") > "$OUT/step_profile.log" 2>&1
       echo "profile rc=$?"; tail -14 "$OUT/step_profile.log" ;;
     throughput)
-      (cd benchmarks && timeout 560 python3 throughput.py --shape qwen3-1.7b \
+      (cd benchmarks && timeout ${TP_S:-560} python3 throughput.py --shape qwen3-1.7b \
         --max-tokens 64 --out "$OUT/throughput_$card.json") > "$OUT/throughput.log" 2>&1
       echo "throughput rc=$?"; tail -32 "$OUT/throughput.log" ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -260,31 +260,39 @@ class BlockDiffusionSampler:
         self.base.sampling_states.apply_staged_writes()
         self.base.logit_bias_state.apply_staged_writes()
 
-    def _upload(self, plan: StepPlan) -> _Device:
-        """Copy the plan to the device in one asynchronous transfer."""
+    def _upload(self, plan: StepPlan, graph: tuple[str, bool, int] | None) -> _Device:
+        """Copy the plan to the device in one asynchronous transfer; for a step replayed from a
+        graph, straight into the graph's input buffer, with the request rows padded to its
+        size."""
         rows_req, rows_k, rows_col = plan.rows
         drafts = plan.verify[rows_req]
-        parts = [plan.request_rows(), plan.grid_rows(self.canvas_length), plan.num_rejected,
+        r = len(plan.slots)
+        size = r if graph is None else graph[2]
+        parts = [plan.request_rows(size - r, self.states.scratch),
+                 plan.grid_rows(self.canvas_length, size - r), plan.num_rejected,
                  rows_req, rows_req[drafts], rows_k[drafts], rows_col[drafts],
                  np.flatnonzero(drafts), plan.num_drafts, plan.greedy_row, plan.filter_rows,
                  plan.group_rows]
         flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in parts])
-        views = torch.split(self._staging.to_device(flat), [np.size(a) for a in parts])
-        r = len(plan.slots)
-        return _Device(_Req.of(views[0].view(4, r)), views[1].view(r, self.canvas_length),
-                       views[2].to(torch.int32), *views[3:-3], views[-3].bool(), *views[-2:])
+        out = None if graph is None else self._graphs.inputs[:flat.size]
+        views = torch.split(self._staging.to_device(flat, out), [np.size(a) for a in parts])
+        return _Device(_Req.of(views[0].view(4, size)[:, :r]),
+                       views[1].view(size, self.canvas_length)[:r], views[2].to(torch.int32),
+                       *views[3:-3], views[-3].bool(), *views[-2:])
 
     def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
         plan = StepPlan(input_batch, self.states, self.max_model_len, self.sampling_states)
-        d = self._upload(plan)
+        denoise = bool(plan.denoise.any())
+        need_entropy = any(POLICIES[name].needs_entropy for name, _, _ in plan.groups)
+        graph = (self._graphs.key(plan, need_entropy)
+                 if self._graphs is not None and denoise else None)
+        d = self._upload(plan, graph)
         proposals = None
-        if plan.denoise.any():
-            need_entropy = any(POLICIES[name].needs_entropy for name, _, _ in plan.groups)
+        if denoise:
             proposals = self._propose(logits, input_batch, plan, d, need_entropy)
-        out = None
-        if self._graphs is not None and proposals is not None:
-            out = self._graphs.replay(plan, proposals, need_entropy)
-        if out is None:
+        if graph is not None:
+            out = self._graphs.replay(graph, proposals)
+        else:
             out = self.tail(plan, d.req, d.grid_row, proposals, d)
         r = input_batch.num_reqs
         # The next step's canvas (the scheduler sizes it; the runner reads the values from here).
@@ -616,10 +624,11 @@ class TailGraphs:
     A step whose requests all use one graph-safe policy, without grammars or drafts, replays a
     graph captured once per (policy, entropy or not, request count rounded up to a power of
     two): the tail's ~100 small kernels become one launch. Its inputs live in persistent
-    buffers: the request rows and the proposal grid (one pinned upload) and the proposals
-    (copied in); padding rows are inert requests on the block state's scratch slot. A graph is
-    captured the first time it is needed, from inert inputs, before that step's inputs are
-    written: capturing runs the tail once for warm-up, which then touches only the scratch slot.
+    buffers: the step's one pinned upload lands in `inputs` (request rows and proposal grid
+    first) and the proposals are copied in; padding rows are inert requests on the block
+    state's scratch slot. A graph is captured the first time `key` names it, from inert inputs,
+    before that step's upload: capturing runs the tail once for warm-up, which then touches
+    only the scratch slot.
     Off CUDA the same buffers and padding run eagerly, so CPU tests cover everything but the
     capture.
     """
@@ -630,47 +639,45 @@ class TailGraphs:
         device = states.canvas.device
         self.max_size = self._size(states.scratch)
         cl = sampler.canvas_length
-        self._inputs = torch.zeros(self.max_size * (4 + cl), dtype=torch.int64, device=device)
+        # The step's whole upload: request rows and grid (what the graphs read), then at most
+        # 2 values per request and 3 per logit row (`BlockDiffusionSampler._upload`).
+        self.inputs = torch.zeros(self.max_size * (6 + cl) + 3 * max_logit_rows,
+                                  dtype=torch.int64, device=device)
         self._tokens = torch.zeros(max_logit_rows, dtype=torch.int64, device=device)
         self._confidence = torch.zeros(max_logit_rows, dtype=torch.float32, device=device)
         self._entropy = torch.zeros(max_logit_rows, dtype=torch.float32, device=device)
-        self._staging = Staging(device)
         self._graphs: dict[tuple[str, bool, int], Callable[[], _Tail]] = {}
 
     @staticmethod
     def _size(num_reqs: int) -> int:
         return 1 << max(num_reqs - 1, 0).bit_length()
 
-    def _usable(self, plan: StepPlan) -> bool:
+    def key(self, plan: StepPlan, need_entropy: bool) -> tuple[str, bool, int] | None:
+        """The graph a denoising step replays: (policy, entropy or not, padded request count),
+        or None where the step needs the eager path (host work, several policy groups)."""
         if len(plan.groups) != 1 or plan.groups[0][1] is not None:
-            return False
-        return (POLICIES[plan.groups[0][0]].graph_safe and not plan.drafting.any()
-                and not plan.constrained.any())
-
-    def replay(self, plan: StepPlan, proposals: tuple, need_entropy: bool) -> _Tail | None:
-        """The step's tail from a graph, or None where the step needs the eager path."""
-        n = proposals[0].shape[0]
-        if not self._usable(plan) or n > self._tokens.shape[0]:
             return None
-        size = self._size(len(plan.slots))
-        key = (plan.groups[0][0], need_entropy, size)
-        if key not in self._graphs:
+        if (not POLICIES[plan.groups[0][0]].graph_safe or plan.drafting.any()
+                or plan.constrained.any() or len(plan.rows[0]) > self._tokens.shape[0]):
+            return None
+        key = plan.groups[0][0], need_entropy, self._size(len(plan.slots))
+        if key not in self._graphs:  # before the step's upload: capturing writes inert inputs
             self._graphs[key] = self._capture(*key)
-        replay = self._graphs[key]
-        pad = size - len(plan.slots)
-        flat = np.concatenate([plan.request_rows(pad, self.sampler.states.scratch).ravel(),
-                               plan.grid_rows(self.sampler.canvas_length, pad).ravel()])
-        self._staging.to_device(flat, out=self._inputs[:flat.size])
+        return key
+
+    def replay(self, key: tuple[str, bool, int], proposals: tuple) -> _Tail:
+        """The step's tail from its graph; the plan was uploaded into `inputs` (`_upload`)."""
         tokens, confidence, entropy = proposals
+        n = tokens.shape[0]
         self._tokens[:n].copy_(tokens)
         self._confidence[:n].copy_(confidence)
         if entropy is not None:
             self._entropy[:n].copy_(entropy)
-        return replay()
+        return self._graphs[key]()
 
     def _capture(self, policy: str, need_entropy: bool, size: int) -> Callable[[], _Tail]:
         cl = self.sampler.canvas_length
-        inputs = self._inputs[:size * (4 + cl)]
+        inputs = self.inputs[:size * (4 + cl)]
         grid = inputs[4 * size:].view(size, cl)
         inert = SimpleNamespace(slots=np.zeros(0, np.int64), offset=np.zeros(0, np.int64),
                                 block_length=np.zeros(0, np.int64), denoise=np.zeros(0, bool),
