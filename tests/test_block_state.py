@@ -5,8 +5,8 @@ from concurrent.futures import Future
 import torch
 
 from vllm_blockdiff.engine.block_state import BlockStates
-from vllm_blockdiff.engine.block_switch import NEVER
 from vllm_blockdiff.options import ServeConfig, resolve_options
+from vllm_blockdiff.policies.block_switch import NEVER
 
 SERVE = ServeConfig(block_length=8, max_block_length=16, mask_token_id=3)
 

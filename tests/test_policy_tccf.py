@@ -6,9 +6,9 @@ The engine test is `tests/test_engine_parity.py::test_tccf_switches_block_length
 import numpy as np
 import pytest
 
-from vllm_blockdiff.engine.block_switch import NEVER, block_length_at, switch_position
 from vllm_blockdiff.engine.layout import token_layout
 from vllm_blockdiff.options import OptionsError, ServeConfig, resolve_options
+from vllm_blockdiff.policies.block_switch import NEVER, block_length_at, switch_position
 
 SERVE = ServeConfig(block_length=8, max_block_length=16, mask_token_id=3)
 

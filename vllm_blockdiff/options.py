@@ -48,6 +48,8 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     # drafts; `engine/sampler.py` TailGraphs). None: on CUDA unless enforce_eager; True off CUDA
     # runs the same static buffers eagerly (how CPU tests cover them).
     sampler_graphs: bool | None = None
+    # The model predicts position j from position j - 1 (`ModelFamily.shifted_logits`).
+    shifted_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.canvas_length < self.max_block_length:

@@ -15,16 +15,16 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from vllm_blockdiff.engine.block_switch import (
+from vllm_blockdiff.grammar import CanvasConstraint
+from vllm_blockdiff.options import DecodeOptions
+from vllm_blockdiff.policies import POLICIES
+from vllm_blockdiff.policies.block_switch import (
     NEVER,
     block_length_at,
     fine_block_length,
     marker_of,
     switch_position,
 )
-from vllm_blockdiff.grammar import CanvasConstraint
-from vllm_blockdiff.options import DecodeOptions
-from vllm_blockdiff.policies import POLICIES
 
 MAX_STOP_TOKENS = 16  # flagged for the policies (the first 16); vLLM itself checks every stop
 POLICY_NAMES = list(POLICIES)  # a request's policy, by index (`BlockStates.policy_np`)
@@ -57,7 +57,7 @@ class BlockStates:
                                       device=device)
         # Host copies: the block length is needed to plan every step, options by the sampler.
         self.block_length_np = np.ones(max_num_reqs, dtype=np.int64)
-        # Block-length switch at a marker (TCCF, `engine/block_switch.py`).
+        # Block-length switch at a marker (TCCF, `policies/block_switch.py`).
         self.fine_block_length_np = np.ones(max_num_reqs, dtype=np.int64)
         self.switch_at_np = np.full(max_num_reqs, NEVER, dtype=np.int64)
         self.marker: list[int | None] = [None] * max_num_reqs

@@ -158,6 +158,7 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             grammar_backend=resolve_grammar_backend(settings, vllm_config),
             vocab_size=model_config.get_vocab_size(),
             sampler_graphs=settings.sampler_graphs,
+            shifted_logits=family.shifted_logits,
         )
         resolve_options(None, serve)  # the defaults themselves must be a valid request
 

@@ -9,7 +9,7 @@ block and its own copy of the block, never another draft's, and takes the rotary
 in the block; each draft, the block's emitted tokens included, is computed exactly as if it were
 the only one. With one draft (every other policy) this is plain block-causal attention.
 A request that switches block length at a marker (TCCF) uses its fine block length from the
-switch position on (`engine/block_switch.py`).
+switch position on (`policies/block_switch.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vllm_blockdiff.engine.block_switch import NEVER, block_length_at
+from vllm_blockdiff.policies.block_switch import NEVER, block_length_at
 
 
 class TokenLayout(NamedTuple):

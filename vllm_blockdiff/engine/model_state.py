@@ -89,7 +89,8 @@ class BlockDiffusionModelState(DefaultModelState):
         return BlockDiffusionSampler(sampler, self.states, runner_req_states,
                                      self.max_model_len, self.serve.canvas_length,
                                      max_logit_rows=self.max_num_tokens,
-                                     cuda_graphs=graphs), None
+                                     cuda_graphs=graphs,
+                                     shifted_logits=self.serve.shifted_logits), None
 
     def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
         """Take every known query token from the request's token history; place drafts.
@@ -112,6 +113,8 @@ class BlockDiffusionModelState(DefaultModelState):
             known = req_states.all_token_ids.gpu[staged[0], positions.long()]
             ids = input_batch.input_ids[:t]
             torch.where(staged[1].bool(), known.to(ids.dtype), ids, out=ids)
+            if self.serve.shifted_logits:  # each canvas position's logits: the position before
+                input_batch.logits_indices.sub_(1)
         return super().prepare_inputs(input_batch, req_states)
 
     def prepare_attn(

@@ -45,10 +45,10 @@ from vllm.v1.worker.gpu.sample.states import SamplingStates
 from vllm.v1.worker.gpu.states import RequestState
 
 from vllm_blockdiff.engine.block_state import POLICY_NAMES, BlockStates
-from vllm_blockdiff.engine.block_switch import NEVER
 from vllm_blockdiff.grammar import bitmask
 from vllm_blockdiff.kernels.vocab_pass import vocab_stats
 from vllm_blockdiff.policies import POLICIES, PolicyInput, freedave
+from vllm_blockdiff.policies.block_switch import NEVER
 from vllm_blockdiff.transfer import Staging
 
 # The runner reads `penalties_state.output_bin_counts`; block diffusion keeps no token counts.
@@ -91,7 +91,7 @@ class StepPlan:
     """Host-side plan of one step, derived from the scheduler's token counts."""
 
     def __init__(self, input_batch: InputBatch, states: BlockStates, max_model_len: int,
-                 sampling: SamplingStates):
+                 sampling: SamplingStates, shift: int = 0):
         r = input_batch.num_reqs
         self.slots = input_batch.idx_mapping_np[:r]
         query = input_batch.num_scheduled_tokens[:r].astype(np.int64)
@@ -106,8 +106,9 @@ class StepPlan:
         self.offset = num_tokens - block_start
         self.rest = self.block_length - self.offset  # the open part of the block: draft 0
         # KV stays computed only up to the current block's start: its own (and a just finished
-        # block's) KV was produced from masked inputs and is recomputed next step.
-        self.num_rejected = end - block_start
+        # block's) KV was produced from masked inputs and is recomputed next step. A shifted-logit
+        # model also recomputes the position before the block, which predicts its first token.
+        self.num_rejected = end - np.maximum(block_start - shift, 0)
         # Further drafts (FreeDave) are whole copies of the block (`engine/layout.py`).
         extra = self.drafts - self.rest
         full_canvas = (self.drafts > 0) & (extra >= 0) & (extra % self.block_length == 0)
@@ -235,6 +236,7 @@ class BlockDiffusionSampler:
         draft_capacity: int,
         max_logit_rows: int = 0,
         cuda_graphs: bool = False,
+        shifted_logits: bool = False,
     ):
         self.base = base
         self.sampling_states = base.sampling_states
@@ -244,6 +246,7 @@ class BlockDiffusionSampler:
         self.max_model_len = max_model_len
         self.canvas_length = states.max_block_length
         self.draft_capacity = draft_capacity  # draft tokens a request may run per forward
+        self.shift = int(shifted_logits)  # logit row j was computed at position j - shift
         self._staging = Staging(states.canvas.device)
         self.grammar_stats = GrammarStats()
         # Large batches fill grammar masks on threads (the matchers release the GIL), as vLLM's
@@ -281,7 +284,8 @@ class BlockDiffusionSampler:
                        *views[3:-3], views[-3].bool(), *views[-2:])
 
     def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
-        plan = StepPlan(input_batch, self.states, self.max_model_len, self.sampling_states)
+        plan = StepPlan(input_batch, self.states, self.max_model_len, self.sampling_states,
+                        self.shift)
         denoise = bool(plan.denoise.any())
         need_entropy = any(POLICIES[name].needs_entropy for name, _, _ in plan.groups)
         graph = (self._graphs.key(plan, need_entropy)
@@ -350,7 +354,7 @@ class BlockDiffusionSampler:
         logits = logits.float()
         logits[:, self.states.mask_token_id] = float("-inf")  # the mask is never proposed
         self._mask_grammar_rows(logits, input_batch, plan)
-        pos = input_batch.positions[input_batch.logits_indices]
+        pos = input_batch.positions[input_batch.logits_indices] + self.shift
         self.base.logit_bias_state.apply_logit_bias(logits, idx, idx_np, pos)
         tokens = None  # greedy rows' proposals: the argmax (the first maximum on ties)
         if plan.sampled_rows.size:
@@ -605,7 +609,7 @@ class BlockDiffusionSampler:
     def _observe_markers(self, plan: StepPlan, sampled: torch.Tensor,
                          num_sampled: torch.Tensor) -> None:
         """Show requests that wait for a marker (TCCF) what they emitted this step; the block
-        length switches at the end of the block holding the marker (`engine/block_switch.py`)."""
+        length switches at the end of the block holding the marker (`policies/block_switch.py`)."""
         states = self.states
         rows = [i for i in np.flatnonzero(plan.denoise)
                 if states.marker[plan.slots[i]] is not None

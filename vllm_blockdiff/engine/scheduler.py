@@ -19,15 +19,15 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 from vllm.v1.request import Request
 
-from vllm_blockdiff.engine.block_switch import (
+from vllm_blockdiff.engine.validation import grammar_of
+from vllm_blockdiff.options import resolve_options, serve_config_of
+from vllm_blockdiff.policies.block_switch import (
     NEVER,
     block_length_at,
     fine_block_length,
     marker_of,
     switch_position,
 )
-from vllm_blockdiff.engine.validation import grammar_of
-from vllm_blockdiff.options import resolve_options, serve_config_of
 
 
 @dataclass
@@ -36,7 +36,7 @@ class _Progress:
     drafts: int = 1  # drafts of the block per forward the policy asks for (FreeDave)
     forwards: int = 0
     block_start: int = -1  # of the last scheduled step: a block's first step has one draft
-    # Block-length switch at a marker (TCCF, `engine/block_switch.py`).
+    # Block-length switch at a marker (TCCF, `policies/block_switch.py`).
     marker: int | None = None
     fine_block_length: int = 1
     switch_at: int = NEVER
@@ -66,6 +66,9 @@ class BlockDiffusionScheduler(Scheduler):
         super().__init__(vllm_config, *args, **kwargs)
         self.serve = serve_config_of(vllm_config.model_config.hf_config)
         self._progress: dict[str, _Progress] = {}
+        # Shifted-logit models predict a block's first position from the position before it,
+        # which therefore stays in every query (its KV is final; it is recomputed).
+        self._shift = int(self.serve.shifted_logits)
 
     def add_request(self, request: Request) -> None:
         if request.request_id not in self._progress:
@@ -123,7 +126,7 @@ class BlockDiffusionScheduler(Scheduler):
             drafts = len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()))
             num_tokens = request.num_computed_tokens - drafts
             b = progress.block_length_at(num_tokens)
-            computed[req_id] = num_tokens // b * b
+            computed[req_id] = max(num_tokens // b * b - self._shift, 0)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, num_computed in computed.items():
             request = self.requests.get(req_id)

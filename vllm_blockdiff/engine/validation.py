@@ -36,7 +36,12 @@ def validate_request(params: Any, hf_config: Any) -> None:
         if used:
             raise OptionsError(f"{field}: not supported by block-diffusion models")
     _check_grammar_key(params.extra_args)
-    options = resolve_options(params.extra_args, serve_config_of(hf_config))
+    serve = serve_config_of(hf_config)
+    options = resolve_options(params.extra_args, serve)
+    if POLICIES[options.policy].verifies_drafts and serve.shifted_logits:
+        # A draft copy's first position would need the position before the block in its copy.
+        raise OptionsError(f"vllm_xargs.policy: {options.policy!r} is not supported for models "
+                           "with shifted logits (Fast-dLLM v2)")
     if POLICIES[options.policy].verifies_drafts:
         # Drafts are verified against greedy decoding, token for token.
         if params.temperature != 0.0:

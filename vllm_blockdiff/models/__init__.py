@@ -17,6 +17,8 @@ class ModelFamily:
     default_block_length: int
     # config.json keys that may carry the trained block length (first present wins)
     block_length_keys: tuple[str, ...] = ("block_size",)
+    # Position j is predicted from the hidden state at j - 1, as in an AR model (Fast-dLLM v2).
+    shifted_logits: bool = False
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -33,6 +35,15 @@ FAMILIES: tuple[ModelFamily, ...] = (
         executor="vllm_blockdiff.models.sdar:SDARMoeForCausalLM",
         hf_config="vllm_blockdiff.models.hf_configs:SDARMoeConfig",
         default_block_length=4,
+    ),
+    ModelFamily(
+        architecture="Fast_dLLM_QwenForCausalLM",
+        model_type="Fast_dLLM_Qwen",
+        executor="vllm_blockdiff.models.fast_dllm:FastDLLMQwenForCausalLM",
+        hf_config="vllm_blockdiff.models.hf_configs:FastDLLMQwenConfig",
+        default_block_length=32,
+        block_length_keys=("bd_size",),
+        shifted_logits=True,
     ),
 )
 

@@ -12,6 +12,7 @@ from vllm_blockdiff.policies import (
     learn2pd,
     localleap,
     static,
+    subblock,
     tccf,
     threshold,
 )
@@ -33,6 +34,7 @@ POLICIES: dict[str, Policy] = {
         tccf.POLICY,
         adablock.POLICY,
         learn2pd.POLICY,
+        subblock.POLICY,
     )
 }
 

@@ -9,7 +9,9 @@ forward counts) must match token for token:
     commit some; committed positions contiguous with the emitted text are emitted;
   - a request stops at EOS / a stop token (kept in the output, as vLLM does) or max_tokens;
   - a policy with a `marker` (TCCF) switches to its fine block length after the block holding
-    the first marker it emits.
+    the first marker it emits;
+  - with `shifted` logits (Fast-dLLM v2) position j is proposed from position j - 1: KV is kept
+    up to the position before the current block, which every forward recomputes.
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_blockdiff.engine.block_switch import (
+from vllm_blockdiff.options import DecodeOptions
+from vllm_blockdiff.policies import POLICIES, PolicyInput
+from vllm_blockdiff.policies.block_switch import (
     NEVER,
     block_length_at,
     fine_block_length,
     marker_of,
     switch_position,
 )
-from vllm_blockdiff.options import DecodeOptions
-from vllm_blockdiff.policies import POLICIES, PolicyInput
 from vllm_blockdiff.reference.modeling import CausalLM, KVPrefix, block_causal_mask
 
 
@@ -94,6 +96,7 @@ def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     on_step: Callable[[PolicyInput, torch.Tensor], None] | None = None,
+    shifted: bool = False,
 ) -> Generation:
     """Decode one request; `on_step(inp, commit)` sees every policy call (trainers log it)."""
     coarse = b = options.block_length
@@ -106,7 +109,8 @@ def generate(
     def lengths(positions: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(block_length_at(positions.numpy(), coarse, fine, switch_at))
 
-    _forward(model, req, req.tokens, lengths, len(prompt) // b * b)
+    shift = int(shifted)
+    _forward(model, req, req.tokens, lengths, max(len(prompt) // b * b - shift, 0))
     forwards, steps_per_block = 1, []
     canvas = [mask_token_id] * b
     committed = [False] * b
@@ -117,7 +121,8 @@ def generate(
         start = n // b * b
         offset = n - start
         query = req.tokens[req.computed:] + canvas[offset:]
-        logits = _forward(model, req, query, lengths, start)[-(b - offset):]
+        logits = _forward(model, req, query, lengths, max(start - shift, 0))
+        logits = logits[len(logits) - (b - offset) - shift:len(logits) - shift]
         forwards += 1
         tokens, confidence, entropy = _propose(logits, mask_token_id, temperature, generator)
         pad = torch.zeros(offset)

@@ -1,0 +1,78 @@
+"""Fast-dLLM v2 layout (Qwen2 layers, shifted logits) served by the plugin against the reference.
+
+Greedy float32, concurrent requests with prompts that end inside a block and at its boundary,
+the sub-block rule and other policies, under the small token budget that chunks prompts and cuts
+canvases: the same tokens as the plain-PyTorch decoder with shifted logits, which proposes each
+position from the one before it (a block's first token from the previous block's last position).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from vllm_blockdiff.options import ServeConfig, resolve_options
+from vllm_blockdiff.reference.decode import generate
+from vllm_blockdiff.reference.modeling import CausalLM
+from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+pytestmark = pytest.mark.engine
+
+MASK, EOS, IM_END = 3, 0, 2
+MAX_TOKENS = 40
+PROMPT_LENGTHS = [1, 5, 8, 13, 16, 22]  # 8 and 16 end at a block boundary (bd_size 8)
+SERVE = ServeConfig(block_length=8, max_block_length=16, mask_token_id=MASK, shifted_logits=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("fast_dllm"), arch="fast_dllm",
+                                    block_size=8, seed=2))
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    from conftest import ENGINE_ARGS
+    from vllm import LLM
+
+    engine = LLM(checkpoint, **ENGINE_ARGS)
+    yield engine
+    del engine
+
+
+def prompts() -> list[list[int]]:
+    return [[(11 * i + 5 * j) % 300 + 10 for j in range(n)] for i, n in enumerate(PROMPT_LENGTHS)]
+
+
+def test_served_like_the_shifted_reference(llm, checkpoint):
+    reference = CausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    mixes = [{"policy": "subblock", "sub_block_length": 4},
+             {"policy": "subblock", "threshold": 0.5, "block_length": 16},
+             {"policy": "threshold"}, {"policy": "static", "steps": 4}]
+    requests = [(p, m) for m in mixes for p in prompts()]
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=m)
+              for _, m in requests]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], params,
+                        use_tqdm=False)
+    multi = 0
+    for (prompt, args), out in zip(requests, outs, strict=True):
+        ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
+                       {EOS, IM_END}, shifted=True)
+        stats = out.kv_transfer_params["blockdiff"]
+        assert list(out.outputs[0].token_ids) == ref.token_ids, (args, len(prompt))
+        assert stats["forwards"] >= ref.forwards
+        multi += stats["tokens_per_forward"] > 1
+    assert multi > 0
+
+
+def test_block_length_comes_from_bd_size_and_drafting_policies_are_refused(llm):
+    from vllm_blockdiff.options import OptionsError
+
+    serve = llm.llm_engine.model_config.hf_config.blockdiff
+    assert serve["block_length"] == 8 and serve["shifted_logits"] is True
+    with pytest.raises((OptionsError, ValueError), match="shifted logits"):
+        llm.generate([TokensPrompt(prompt_token_ids=[10, 11])],
+                     SamplingParams(temperature=0.0, extra_args={"policy": "freedave"}),
+                     use_tqdm=False)
