@@ -48,6 +48,9 @@ class BlockStates:
         self.committed_confidence = torch.zeros(max_num_reqs, max_block_length,
                                                 dtype=torch.float32, device=device)
         self.step = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
+        # The block's first open offset after the last step that ran the request's canvas: a
+        # step that runs none of it (its query cut short by the token budget) cannot tell.
+        self.offset = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
         # Drafting policies (FreeDave): the last forward's proposals for the open positions.
         self.pred_token = torch.zeros(max_num_reqs, max_block_length, dtype=torch.int64,
                                       device=device)
@@ -130,4 +133,5 @@ class BlockStates:
         self.committed[slots] = False
         self.committed_confidence[slots] = 0.0
         self.step[slots] = 0
+        self.offset[slots] = 0
         self.pred_valid[slots] = False

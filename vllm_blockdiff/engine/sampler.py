@@ -154,8 +154,10 @@ class StepPlan:
 
     def request_rows(self, pad: int = 0, scratch: int = 0) -> np.ndarray:
         """[4, R + pad]: slot, offset, block length, denoised (`_Req`); padding rows are inert
-        requests on the scratch slot."""
-        rows = np.stack([self.slots, self.offset, self.block_length, self.denoise])
+        requests on the scratch slot. A request that ran no canvas has offset -1: its query
+        may stop short of its known tokens, so the plan cannot tell its offset."""
+        offset = np.where(self.drafts > 0, self.offset, -1)
+        rows = np.stack([self.slots, offset, self.block_length, self.denoise])
         padding = np.array([[scratch], [0], [1], [0]]).repeat(pad, axis=1)
         return np.concatenate([rows.astype(np.int64), padding], axis=1)
 
@@ -322,6 +324,8 @@ class BlockDiffusionSampler:
         cl = self.canvas_length
         # A request's block state was reset when it was added (or resumed); a step that runs
         # none of its canvas (a prefill chunk, or a token budget that cut it) keeps it as is.
+        req = req._replace(offset=torch.where(req.offset >= 0, req.offset,
+                                              states.offset[req.slots]))
         canvas = states.canvas[req.slots]
         committed = states.committed[req.slots]
         history = states.committed_confidence[req.slots]
@@ -337,6 +341,7 @@ class BlockDiffusionSampler:
         states.committed[req.slots] = committed
         states.committed_confidence[req.slots] = history
         states.step[req.slots] = step
+        states.offset[req.slots] = offset
         columns = (offset[:, None] + torch.arange(cl, device=canvas.device)).clamp(max=cl - 1)
         return _Tail(sampled, num_sampled, canvas.gather(1, columns), canvas, committed, offset)
 
