@@ -689,6 +689,7 @@ class TailGraphs:
         inputs = self.inputs[:size * (4 + cl)]
         grid = inputs[4 * size:].view(size, cl)
         inert = SimpleNamespace(slots=np.zeros(0, np.int64), offset=np.zeros(0, np.int64),
+                                drafts=np.zeros(0, np.int64),
                                 block_length=np.zeros(0, np.int64), denoise=np.zeros(0, bool),
                                 rows=(np.zeros(0, np.int64),) * 3,
                                 groups=[(policy, None, None)], drafting=np.zeros(0, bool),
