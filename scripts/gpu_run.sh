@@ -34,7 +34,7 @@ for step in "$@"; do
       t 120 tests/test_attention_kernel.py tests/test_vocab_pass.py > "$OUT/kernels_gpu.log" 2>&1
       echo "kernels rc=$?"; tail -2 "$OUT/kernels_gpu.log" ;;
     tests)
-      BLOCKDIFF_TEST_COMPILE=1 t 300 tests/test_engine_parity.py \
+      BLOCKDIFF_TEST_COMPILE=1 t 330 tests/test_engine_parity.py tests/test_engine_fast_dllm.py \
         tests/test_engine_determinism.py > "$OUT/tests_gpu.log" 2>&1
       echo "tests rc=$?"; tail -3 "$OUT/tests_gpu.log" ;;
     invariant)
