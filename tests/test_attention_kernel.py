@@ -123,7 +123,7 @@ def test_drafts_side_by_side_see_the_prefix_and_themselves():
     assert layout.skip_start.tolist() == [4] * 8
     assert layout.skip_end.tolist() == [4] * 4 + [8] * 4
     assert layout.rope_positions.tolist() == [4, 5, 6, 7, 4, 5, 6, 7]
-    # one draft: block-causal attention, slot positions unchanged
+    # one draft: block-causal attention, slot positions unchanged; keys end with the query
     plain = token_layout([0, 8], [6, 8], [0, 8], [4, 8])
-    assert plain.kv_limit.tolist() == [4] * 4 + [8] * 2 + [16] * 8
+    assert plain.kv_limit.tolist() == [4] * 4 + [6] * 2 + [16] * 8
     assert plain.rope_positions is None

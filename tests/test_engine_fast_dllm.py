@@ -23,7 +23,8 @@ pytestmark = pytest.mark.engine
 MASK, EOS, IM_END = 3, 0, 2
 MAX_TOKENS = 40
 PROMPT_LENGTHS = [1, 5, 8, 13, 16, 22]  # 8 and 16 end at a block boundary (bd_size 8)
-SERVE = ServeConfig(block_length=8, max_block_length=16, mask_token_id=MASK, shifted_logits=True)
+SERVE = ServeConfig(block_length=8, max_block_length=16, mask_token_id=MASK, shifted_logits=True,
+                    policy="subblock")
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +49,17 @@ def prompts() -> list[list[int]]:
 
 def test_served_like_the_shifted_reference(llm, checkpoint):
     reference = CausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    mixes = [{"policy": "subblock", "sub_block_length": 4},
-             {"policy": "subblock", "threshold": 0.5, "block_length": 16},
-             {"policy": "threshold"}, {"policy": "static", "steps": 4}]
+    mixes = [{"policy": "subblock", "sub_block_length": 4},  # the sub-block cache on
+             {"policy": "subblock", "sub_block_length": 4, "use_block_cache": False},
+             {"policy": "subblock", "threshold": 0.5, "sub_block_length": 4, "block_length": 16},
+             {}, {"policy": "threshold"}, {"policy": "static", "steps": 4}]
     requests = [(p, m) for m in mixes for p in prompts()]
     params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=m)
               for _, m in requests]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p, _ in requests], params,
                         use_tqdm=False)
     multi = 0
+    query_tokens = {}
     for (prompt, args), out in zip(requests, outs, strict=True):
         ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
                        {EOS, IM_END}, shifted=True)
@@ -64,7 +67,13 @@ def test_served_like_the_shifted_reference(llm, checkpoint):
         assert list(out.outputs[0].token_ids) == ref.token_ids, (args, len(prompt))
         assert stats["forwards"] >= ref.forwards
         multi += stats["tokens_per_forward"] > 1
+        key = (len(prompt), args.get("use_block_cache", True))
+        if args.get("sub_block_length") == 4 and "threshold" not in args:
+            query_tokens[key] = stats["query_tokens"] / stats["output_tokens"]
     assert multi > 0
+    # The sub-block cache recomputes only the active sub-block on most steps.
+    for n in PROMPT_LENGTHS:
+        assert query_tokens[n, True] < query_tokens[n, False], n
 
 
 def test_block_length_comes_from_bd_size_and_drafting_policies_are_refused(llm):

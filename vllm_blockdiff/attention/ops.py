@@ -43,11 +43,11 @@ def paged_block_causal_attention_torch(
 ) -> None:
     page_size = key_cache.shape[1]
     starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for r, seq_len in enumerate(lens):
+    for r in range(len(seq_lens)):
         qs, qe = starts[r], starts[r + 1]
-        if qe <= qs or seq_len == 0:
+        if qe <= qs:
             continue
+        seq_len = int(kv_limit[qs:qe].max())  # the request's keys (may lie beyond its query)
         pages = block_table[r, : -(-seq_len // page_size)].long()
         k = key_cache[pages].flatten(0, 1)[:seq_len].transpose(0, 1)  # [Hkv, S, D]
         v = value_cache[pages].flatten(0, 1)[:seq_len].transpose(0, 1)

@@ -25,7 +25,7 @@ import triton.language as tl
 @triton.jit
 def _paged_block_causal_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_table_ptr, kv_limit_ptr, skip_start_ptr,
+    query_start_loc_ptr, block_table_ptr, kv_limit_ptr, skip_start_ptr,
     skip_end_ptr,
     scale,
     num_reqs,
@@ -61,7 +61,6 @@ def _paged_block_causal_attn_kernel(
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + req)
 
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_G
     rows = tl.arange(0, BLOCK_M)
@@ -78,8 +77,9 @@ def _paged_block_causal_attn_kernel(
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
     )
+    # The limits end at the request's keys (`engine/layout.py`), which may lie beyond its query
+    # (a sub-block run from the cache sees the rest of its block).
     limit = tl.load(kv_limit_ptr + t, mask=row_valid, other=0)
-    limit = tl.minimum(limit, seq_len)
     skip_lo = tl.load(skip_start_ptr + t, mask=row_valid, other=0)
     skip_hi = tl.load(skip_end_ptr + t, mask=row_valid, other=0)
     kv_end = tl.max(limit, axis=0)
@@ -160,7 +160,7 @@ def paged_block_causal_attention_triton(
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     _paged_block_causal_attn_kernel[grid](
         query, key_cache, value_cache, output,
-        query_start_loc, seq_lens, block_table, kv_limit, skip_start, skip_end,
+        query_start_loc, block_table, kv_limit, skip_start, skip_end,
         scale,
         num_reqs,
         query.stride(0), query.stride(1),

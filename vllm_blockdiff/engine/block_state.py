@@ -25,6 +25,7 @@ from vllm_blockdiff.policies.block_switch import (
     marker_of,
     switch_position,
 )
+from vllm_blockdiff.policies.subblock import cached_query, cached_sub_block
 
 MAX_STOP_TOKENS = 16  # flagged for the policies (the first 16); vLLM itself checks every stop
 POLICY_NAMES = list(POLICIES)  # a request's policy, by index (`BlockStates.policy_np`)
@@ -60,6 +61,10 @@ class BlockStates:
                                       device=device)
         # Host copies: the block length is needed to plan every step, options by the sampler.
         self.block_length_np = np.ones(max_num_reqs, dtype=np.int64)
+        # Sub-block cache (`policies/subblock.py`): its sub-block length (0: off), and the start
+        # of the block whose KV a refresh left in the cache (-1: none).
+        self.cache_sub_np = np.zeros(max_num_reqs, dtype=np.int64)
+        self.cache_block_np = np.full(max_num_reqs, -1, dtype=np.int64)
         # Block-length switch at a marker (TCCF, `policies/block_switch.py`).
         self.fine_block_length_np = np.ones(max_num_reqs, dtype=np.int64)
         self.switch_at_np = np.full(max_num_reqs, NEVER, dtype=np.int64)
@@ -95,6 +100,8 @@ class BlockStates:
         self.constraints[slot] = constraint
         self.constrained_np[slot] = constraint is not None
         self.block_length_np[slot] = options.block_length
+        self.cache_sub_np[slot] = cached_sub_block(options)
+        self.cache_block_np[slot] = -1
         self.fine_block_length_np[slot] = fine_block_length(options)
         self.marker[slot] = marker_of(options)
         self.switch_at_np[slot] = NEVER
@@ -126,6 +133,16 @@ class BlockStates:
         """Each request's block length for the block holding its next position."""
         return block_length_at(num_tokens, self.block_length_np[slots],
                                self.fine_block_length_np[slots], self.switch_at_np[slots])
+
+    def sub_block_steps(self, slots: np.ndarray, num_tokens: np.ndarray, drafts: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which requests run only their active sub-block this step (the sub-block cache), where
+        it ends, and where their block ends: their queries see the whole block."""
+        b = np.maximum(self.block_lengths(slots, num_tokens), 1)
+        start = num_tokens // b * b
+        cached, _, sub_end = cached_query(start, num_tokens - start, b, self.cache_sub_np[slots],
+                                          self.cache_block_np[slots] == start)
+        return cached & (drafts > 0), sub_end, start + b
 
     def reset_blocks(self, slots: torch.Tensor) -> None:
         """Start a fresh, fully masked block for these slots."""

@@ -151,7 +151,7 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             block_length=block_length,
             max_block_length=max_block_length,
             mask_token_id=mask_token_id,
-            policy=settings.policy or "threshold",
+            policy=settings.policy or family.default_policy,
             policy_defaults=policy_defaults,
             block_length_divides=_prefix_cache_page(vllm_config, block_length),
             canvas_length=canvas_length,

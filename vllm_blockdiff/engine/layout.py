@@ -33,9 +33,11 @@ class TokenLayout(NamedTuple):
 
 def token_layout(computed: np.ndarray, query: np.ndarray, drafts: np.ndarray,
                  block_length: np.ndarray, fine_block_length: np.ndarray | None = None,
-                 switch_at: np.ndarray | None = None) -> TokenLayout:
+                 switch_at: np.ndarray | None = None,
+                 key_end: np.ndarray | None = None) -> TokenLayout:
     """Per request: tokens computed before, tokens scheduled, of which drafts, block length
-    (and, for requests that switch, the fine block length and the switch position)."""
+    (and, for requests that switch, the fine block length and the switch position). Keys end
+    at `key_end` (default: with the query; beyond it for a sub-block run from the cache)."""
     computed, query, drafts, coarse = (np.asarray(a, dtype=np.int64)
                                        for a in (computed, query, drafts, block_length))
     fine = coarse if fine_block_length is None else np.asarray(fine_block_length, np.int64)
@@ -51,6 +53,7 @@ def token_layout(computed: np.ndarray, query: np.ndarray, drafts: np.ndarray,
     b = np.where(in_block, current[req], block_length_at(pos, coarse[req], fine[req], switch[req]))
     k = np.where(in_block, (pos - block_start) // b, 0)
     kv_limit = np.where(in_block, block_start + (k + 1) * b, (pos // b + 1) * b)
+    kv_limit = np.minimum(kv_limit, (computed + query if key_end is None else key_end)[req])
     skip_start = np.where(in_block, block_start, 0)
     skip_end = np.where(in_block, block_start + k * b, 0)
     in_place = np.where(in_block, block_start + (pos - block_start) % b, pos)

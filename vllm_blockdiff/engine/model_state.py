@@ -131,11 +131,15 @@ class BlockDiffusionModelState(DefaultModelState):
         drafts = input_batch.num_draft_tokens_per_req
         slots = input_batch.idx_mapping_np[:r]
         states = self.states
-        layout = token_layout(input_batch.num_computed_tokens_np[:r],
-                              input_batch.num_scheduled_tokens[:r],
-                              np.zeros(r) if drafts is None else drafts[:r],
+        computed = input_batch.num_computed_tokens_np[:r].astype(np.int64)
+        query = input_batch.num_scheduled_tokens[:r].astype(np.int64)
+        drafts = np.zeros(r, np.int64) if drafts is None else drafts[:r].astype(np.int64)
+        # Keys end with the query, but a sub-block run from the cache sees its whole block.
+        cached, _, block_end = states.sub_block_steps(slots, computed + query - drafts, drafts)
+        layout = token_layout(computed, query, drafts,
                               states.block_length_np[slots], states.fine_block_length_np[slots],
-                              states.switch_at_np[slots])
+                              states.switch_at_np[slots],
+                              key_end=np.where(cached, block_end, computed + query))
         self._layout = layout
         for groups in attn_groups:
             for group in groups:

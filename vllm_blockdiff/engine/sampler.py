@@ -105,13 +105,21 @@ class StepPlan:
         block_start = num_tokens // self.block_length * self.block_length
         self.offset = num_tokens - block_start
         self.rest = self.block_length - self.offset  # the open part of the block: draft 0
-        # KV stays computed only up to the current block's start: its own (and a just finished
-        # block's) KV was produced from masked inputs and is recomputed next step. A shifted-logit
-        # model also recomputes the position before the block, which predicts its first token.
-        self.num_rejected = end - np.maximum(block_start - shift, 0)
+        self.block_start, self.end = block_start, end
         # Further drafts (FreeDave) are whole copies of the block (`engine/layout.py`).
         extra = self.drafts - self.rest
         full_canvas = (self.drafts > 0) & (extra >= 0) & (extra % self.block_length == 0)
+        # Sub-block cache (`policies/subblock.py`): a request whose block KV comes from a refresh
+        # runs only its active sub-block; a full canvas there is the rest of that sub-block.
+        cached, sub_end, _ = states.sub_block_steps(self.slots, num_tokens, self.drafts)
+        sub = states.cache_sub_np[self.slots]
+        valid = states.cache_block_np[self.slots] == block_start
+        full_canvas = np.where(cached, self.drafts == sub_end - num_tokens, full_canvas)
+        # A forward over the whole block after its AR step refreshes the block's cached KV.
+        self.refreshed = ((sub > 0) & ~cached & (self.drafts == self.rest) & (self.offset > 0)
+                          & (computed <= np.maximum(block_start - shift, 0)))
+        # The sub-block length with which the next step may run from the cache (0: it cannot).
+        self.cache_sub = np.where(valid | self.refreshed, sub, 0)
         # A canvas cut short by max_model_len is denoised as is (the request ends there); one cut
         # short by the token budget is not denoised at all, so batching never changes outputs.
         self.denoise = (self.drafts > 0) & (full_canvas | (end >= max_model_len))
@@ -153,12 +161,13 @@ class StepPlan:
                      np.where(rows_local < rest, rows_local + self.offset[rows_req], beyond % b))
 
     def request_rows(self, pad: int = 0, scratch: int = 0) -> np.ndarray:
-        """[4, R + pad]: slot, offset, block length, denoised (`_Req`); padding rows are inert
-        requests on the scratch slot. A request that ran no canvas has offset -1: its query
-        may stop short of its known tokens, so the plan cannot tell its offset."""
+        """[7, R + pad]: the fields of `_Req`; padding rows are inert requests on the scratch
+        slot. A request that ran no canvas has offset -1: its query may stop short of its known
+        tokens, so the plan cannot tell its offset."""
         offset = np.where(self.drafts > 0, self.offset, -1)
-        rows = np.stack([self.slots, offset, self.block_length, self.denoise])
-        padding = np.array([[scratch], [0], [1], [0]]).repeat(pad, axis=1)
+        rows = np.stack([self.slots, offset, self.block_length, self.denoise, self.block_start,
+                         self.end, self.cache_sub])
+        padding = np.array([[scratch], [0], [1], [0], [0], [0], [0]]).repeat(pad, axis=1)
         return np.concatenate([rows.astype(np.int64), padding], axis=1)
 
     def grid_rows(self, canvas_length: int, pad: int = 0) -> np.ndarray:
@@ -193,11 +202,14 @@ class _Req(NamedTuple):
     offset: torch.Tensor  # first open block offset (the emitted prefix ends there)
     block_length: torch.Tensor
     denoise: torch.Tensor  # bool: the request's canvas ran this forward
+    block_start: torch.Tensor
+    end: torch.Tensor  # of the step's query
+    cache_sub: torch.Tensor  # `StepPlan.cache_sub`
 
     @classmethod
     def of(cls, rows: torch.Tensor) -> _Req:
-        """From the [4, R] int64 rows of `StepPlan.request_rows`."""
-        return cls(rows[0], rows[1], rows[2], rows[3] != 0)
+        """From the [7, R] int64 rows of `StepPlan.request_rows`."""
+        return cls(rows[0], rows[1], rows[2], rows[3] != 0, *rows[4:])
 
 
 class _Device(NamedTuple):
@@ -205,7 +217,6 @@ class _Device(NamedTuple):
 
     req: _Req
     grid_row: torch.Tensor  # [R, canvas] the logit row proposing each open position, or -1
-    rejected: torch.Tensor
     logit_req: torch.Tensor  # the request of every logit row
     drafts_req: torch.Tensor  # logit rows of requests that verify drafts: their request ...
     drafts_k: torch.Tensor  # ... draft ...
@@ -226,6 +237,7 @@ class _Tail(NamedTuple):
     canvas: torch.Tensor
     committed: torch.Tensor
     offset: torch.Tensor  # the next step's first open offset
+    rejected: torch.Tensor  # [R] int32: query tokens whose KV is recomputed next step
 
 
 class BlockDiffusionSampler:
@@ -274,16 +286,16 @@ class BlockDiffusionSampler:
         r = len(plan.slots)
         size = r if graph is None else graph[2]
         parts = [plan.request_rows(size - r, self.states.scratch),
-                 plan.grid_rows(self.canvas_length, size - r), plan.num_rejected,
+                 plan.grid_rows(self.canvas_length, size - r),
                  rows_req, rows_req[drafts], rows_k[drafts], rows_col[drafts],
                  np.flatnonzero(drafts), plan.num_drafts, plan.greedy_row, plan.filter_rows,
                  plan.group_rows]
         flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in parts])
         out = None if graph is None else self._graphs.inputs[:flat.size]
         views = torch.split(self._staging.to_device(flat, out), [np.size(a) for a in parts])
-        return _Device(_Req.of(views[0].view(4, size)[:, :r]),
-                       views[1].view(size, self.canvas_length)[:r], views[2].to(torch.int32),
-                       *views[3:-3], views[-3].bool(), *views[-2:])
+        return _Device(_Req.of(views[0].view(7, size)[:, :r]),
+                       views[1].view(size, self.canvas_length)[:r],
+                       *views[2:-3], views[-3].bool(), *views[-2:])
 
     def __call__(self, logits: torch.Tensor, input_batch: InputBatch) -> SamplerOutput:
         plan = StepPlan(input_batch, self.states, self.max_model_len, self.sampling_states,
@@ -293,6 +305,7 @@ class BlockDiffusionSampler:
         graph = (self._graphs.key(plan, need_entropy)
                  if self._graphs is not None and denoise else None)
         d = self._upload(plan, graph)
+        self.states.cache_block_np[plan.slots[plan.refreshed]] = plan.block_start[plan.refreshed]
         proposals = None
         if denoise:
             proposals = self._propose(logits, input_batch, plan, d, need_entropy)
@@ -312,7 +325,7 @@ class BlockDiffusionSampler:
             logprobs_tensors=None,
             num_nans=None,
             num_sampled=num_sampled,
-            num_rejected=d.rejected,
+            num_rejected=out.rejected[:r],
         )
 
     def tail(self, plan: StepPlan, req: _Req, grid_row: torch.Tensor,
@@ -343,7 +356,20 @@ class BlockDiffusionSampler:
         states.step[req.slots] = step
         states.offset[req.slots] = offset
         columns = (offset[:, None] + torch.arange(cl, device=canvas.device)).clamp(max=cl - 1)
-        return _Tail(sampled, num_sampled, canvas.gather(1, columns), canvas, committed, offset)
+        return _Tail(sampled, num_sampled, canvas.gather(1, columns), canvas, committed, offset,
+                     self._rejected(req, offset))
+
+    def _rejected(self, req: _Req, offset: torch.Tensor) -> torch.Tensor:
+        """KV stays computed up to the current block's start: its own (and a just finished
+        block's) KV was produced from masked inputs and is recomputed next step. A shifted-logit
+        model also recomputes the position before the block, which predicts its first token.
+        A request whose next step runs from the sub-block cache keeps the KV before its active
+        sub-block (`policies/subblock.py`); that depends on what this step committed."""
+        sub = req.cache_sub.clamp(min=1)
+        cached = (req.cache_sub > 0) & (offset % sub != 0)
+        keep = torch.where(cached, req.block_start + offset - offset % sub,
+                           (req.block_start - self.shift).clamp(min=0))
+        return (req.end - keep).to(torch.int32)
 
     def _propose(self, logits: torch.Tensor, input_batch: InputBatch, plan: StepPlan,
                  d: _Device, need_entropy: bool
@@ -649,8 +675,8 @@ class TailGraphs:
         self.max_size = self._size(states.scratch)
         cl = sampler.canvas_length
         # The step's whole upload: request rows and grid (what the graphs read), then at most
-        # 2 values per request and 3 per logit row (`BlockDiffusionSampler._upload`).
-        self.inputs = torch.zeros(self.max_size * (6 + cl) + 3 * max_logit_rows,
+        # 1 value per request and 3 per logit row (`BlockDiffusionSampler._upload`).
+        self.inputs = torch.zeros(self.max_size * (8 + cl) + 3 * max_logit_rows,
                                   dtype=torch.int64, device=device)
         self._tokens = torch.zeros(max_logit_rows, dtype=torch.int64, device=device)
         self._confidence = torch.zeros(max_logit_rows, dtype=torch.float32, device=device)
@@ -686,10 +712,11 @@ class TailGraphs:
 
     def _capture(self, policy: str, need_entropy: bool, size: int) -> Callable[[], _Tail]:
         cl = self.sampler.canvas_length
-        inputs = self.inputs[:size * (4 + cl)]
-        grid = inputs[4 * size:].view(size, cl)
+        inputs = self.inputs[:size * (7 + cl)]
+        grid = inputs[7 * size:].view(size, cl)
         inert = SimpleNamespace(slots=np.zeros(0, np.int64), offset=np.zeros(0, np.int64),
-                                drafts=np.zeros(0, np.int64),
+                                drafts=np.zeros(0, np.int64), block_start=np.zeros(0, np.int64),
+                                end=np.zeros(0, np.int64), cache_sub=np.zeros(0, np.int64),
                                 block_length=np.zeros(0, np.int64), denoise=np.zeros(0, bool),
                                 rows=(np.zeros(0, np.int64),) * 3,
                                 groups=[(policy, None, None)], drafting=np.zeros(0, bool),
@@ -701,7 +728,7 @@ class TailGraphs:
         proposals = (self._tokens, self._confidence, self._entropy if need_entropy else None)
 
         def run() -> _Tail:
-            req = _Req.of(inputs[:4 * size].view(4, size))  # captured: its bools too
+            req = _Req.of(inputs[:7 * size].view(7, size))  # captured: its bools too
             return self.sampler.tail(inert, req, grid, proposals)
 
         if not inputs.is_cuda:  # the same buffers and padding, run eagerly (CPU tests)

@@ -28,6 +28,7 @@ from vllm_blockdiff.policies.block_switch import (
     marker_of,
     switch_position,
 )
+from vllm_blockdiff.policies.subblock import cached_query, cached_sub_block
 
 
 @dataclass
@@ -35,12 +36,25 @@ class _Progress:
     block_length: int
     drafts: int = 1  # drafts of the block per forward the policy asks for (FreeDave)
     forwards: int = 0
+    query_tokens: int = 0  # computed over all its forwards (prompt, recomputed KV, canvases)
     block_start: int = -1  # of the last scheduled step: a block's first step has one draft
     # Block-length switch at a marker (TCCF, `policies/block_switch.py`).
     marker: int | None = None
     fine_block_length: int = 1
     switch_at: int = NEVER
     scanned: int = 0  # output tokens already searched for the marker
+    # Sub-block cache (`policies/subblock.py`): its sub-block length (0: off) and the start of
+    # the block whose KV a refresh left in the cache; the workers track the same.
+    cache_sub: int = 0
+    cache_block: int = -1
+
+    def cached(self, num_tokens: int) -> tuple[bool, int, int]:
+        """Whether the next step runs only the active sub-block, and its bounds."""
+        b = self.block_length_at(num_tokens)
+        start = num_tokens // b * b
+        cached, sub_start, sub_end = cached_query(start, num_tokens - start, b, self.cache_sub,
+                                                  self.cache_block == start)
+        return bool(cached), int(sub_start), int(sub_end)
 
     def block_length_at(self, position: int) -> int:
         return int(block_length_at(position, self.block_length, self.fine_block_length,
@@ -76,7 +90,8 @@ class BlockDiffusionScheduler(Scheduler):
             drafts = getattr(options.params, "drafts", 1)
             marker, fine = marker_of(options), fine_block_length(options)
             self._progress[request.request_id] = _Progress(options.block_length, drafts,
-                                                           marker=marker, fine_block_length=fine)
+                                                           marker=marker, fine_block_length=fine,
+                                                           cache_sub=cached_sub_block(options))
             # Block-causal KV depends on the block length(s): keep it out of other caches.
             salt = f"blockdiff:B={options.block_length}"
             if marker is not None:
@@ -100,6 +115,9 @@ class BlockDiffusionScheduler(Scheduler):
         """
         progress = self._progress[request.request_id]
         n = request.num_tokens
+        cached, _, sub_end = progress.cached(n)
+        if cached:
+            return sub_end - n
         b = progress.block_length_at(n)
         start = n // b * b
         rest = start + b - n
@@ -123,16 +141,26 @@ class BlockDiffusionScheduler(Scheduler):
                 continue
             progress = self._progress[req_id]
             progress.forwards += 1
+            progress.query_tokens += scheduler_output.num_scheduled_tokens[req_id]
             drafts = len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()))
             num_tokens = request.num_computed_tokens - drafts
             b = progress.block_length_at(num_tokens)
-            computed[req_id] = max(num_tokens // b * b - self._shift, 0)
+            start = num_tokens // b * b
+            computed[req_id] = max(start - self._shift, 0)
+            if progress.cache_sub and drafts == start + b - num_tokens > 0 and num_tokens > start:
+                # The whole block ran after its AR step: a refresh of its cached KV.
+                first = request.num_computed_tokens - scheduler_output.num_scheduled_tokens[req_id]
+                if first <= computed[req_id]:
+                    progress.cache_block = start
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, num_computed in computed.items():
             request = self.requests.get(req_id)
             if request is not None and not request.is_finished():
-                request.num_computed_tokens = num_computed
-                self._progress[req_id].observe(request)
+                progress = self._progress[req_id]
+                cached, sub_start, _ = progress.cached(request.num_tokens)
+                # From the cache the next step runs the active sub-block, keeping the KV before it.
+                request.num_computed_tokens = sub_start if cached else num_computed
+                progress.observe(request)
         return outputs
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
@@ -144,6 +172,7 @@ class BlockDiffusionScheduler(Scheduler):
             blocks = progress.blocks(request.num_prompt_tokens, request.num_prompt_tokens + tokens)
             stats = {
                 "forwards": progress.forwards,
+                "query_tokens": progress.query_tokens,
                 "output_tokens": tokens,
                 "tokens_per_forward": round(tokens / max(progress.forwards, 1), 4),
                 "block_length": b,

@@ -19,6 +19,7 @@ class ModelFamily:
     block_length_keys: tuple[str, ...] = ("block_size",)
     # Position j is predicted from the hidden state at j - 1, as in an AR model (Fast-dLLM v2).
     shifted_logits: bool = False
+    default_policy: str = "threshold"  # the decoding rule the checkpoint's own code uses
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -44,6 +45,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         default_block_length=32,
         block_length_keys=("bd_size",),
         shifted_logits=True,
+        default_policy="subblock",
     ),
 )
 

@@ -30,6 +30,7 @@ from vllm_blockdiff.policies.block_switch import (
     marker_of,
     switch_position,
 )
+from vllm_blockdiff.policies.subblock import cached_query, cached_sub_block
 from vllm_blockdiff.reference.modeling import CausalLM, KVPrefix, block_causal_mask
 
 
@@ -47,6 +48,7 @@ class _Request:
     tokens: list[int]
     cache: list[KVPrefix] | None = None
     computed: int = 0
+    last_kv: list[KVPrefix] | None = None  # the last `_forward`'s keys/values, from `computed`
 
 
 def _propose(logits: torch.Tensor, mask_token_id: int, temperature: float,
@@ -66,6 +68,23 @@ def _propose(logits: torch.Tensor, mask_token_id: int, temperature: float,
 
 
 @torch.inference_mode()
+def _forward_sub_block(model: CausalLM, req: _Request, query: list[int], sub_start: int,
+                       block: list[KVPrefix], block_from: int) -> torch.Tensor:
+    """Run the active sub-block at [sub_start, ...) over the cached prefix and the rest of the
+    block's keys/values from its last refresh (`block`, positions from `block_from`); the
+    sub-block sees the whole block. Caches nothing."""
+    n = len(query)
+    lo, hi = sub_start - block_from, sub_start - block_from + n
+    prefix = [(torch.cat([ck, k[:, :, :lo], k[:, :, hi:]], 2),
+               torch.cat([cv, v[:, :, :lo], v[:, :, hi:]], 2))
+              for (ck, cv), (k, v) in zip(req.cache, block, strict=True)]
+    positions = torch.arange(sub_start, sub_start + n)
+    mask = torch.ones(1, n, prefix[0][0].shape[2] + n, dtype=torch.bool)
+    logits, _ = model(torch.tensor([query]), positions[None], mask, prefix)
+    return logits[0]
+
+
+@torch.inference_mode()
 def _forward(model: CausalLM, req: _Request, query: list[int], block_length: Callable,
              keep_until: int) -> torch.Tensor:
     """Run `query` at positions [computed, ...) over the cached prefix; cache KV < keep_until.
@@ -75,6 +94,7 @@ def _forward(model: CausalLM, req: _Request, query: list[int], block_length: Cal
     positions = torch.arange(start, start + len(query))
     mask = block_causal_mask(positions, start + len(query), block_length(positions))
     logits, new_kv = model(torch.tensor([query]), positions[None], mask[None], req.cache)
+    req.last_kv = new_kv
     keep = keep_until - start
     kept = [(k[:, :, :keep], v[:, :, :keep]) for k, v in new_kv]
     if req.cache is None:
@@ -110,6 +130,9 @@ def generate(
         return torch.from_numpy(block_length_at(positions.numpy(), coarse, fine, switch_at))
 
     shift = int(shifted)
+    sub = cached_sub_block(options)
+    block_kv: list[KVPrefix] = []  # the block's keys/values from its last refresh ...
+    block_from, cache_block = 0, -1  # ... from this position, for the block starting here
     _forward(model, req, req.tokens, lengths, max(len(prompt) // b * b - shift, 0))
     forwards, steps_per_block = 1, []
     canvas = [mask_token_id] * b
@@ -120,13 +143,28 @@ def generate(
         n = len(req.tokens)
         start = n // b * b
         offset = n - start
-        query = req.tokens[req.computed:] + canvas[offset:]
-        logits = _forward(model, req, query, lengths, max(start - shift, 0))
-        logits = logits[len(logits) - (b - offset) - shift:len(logits) - shift]
+        cached, sub_start, sub_end = cached_query(start, offset, b, sub, cache_block == start)
+        if cached:  # only the active sub-block, over the block's KV from its refresh
+            query = req.tokens[sub_start:] + canvas[offset:sub_end - start]
+            logits = _forward_sub_block(model, req, query, sub_start, block_kv, block_from)
+            open_end = sub_end - start
+        else:
+            query = req.tokens[req.computed:] + canvas[offset:]
+            first = req.computed
+            logits = _forward(model, req, query, lengths, max(start - shift, 0))
+            if sub and offset > 0:  # a refresh (not the block's AR step): keep the block's KV
+                block_from, cache_block = first, start
+                block_kv = req.last_kv
+            open_end = b
+        logits = logits[len(logits) - (open_end - offset) - shift:len(logits) - shift]
         forwards += 1
         tokens, confidence, entropy = _propose(logits, mask_token_id, temperature, generator)
         pad = torch.zeros(offset)
-        masked = torch.tensor([False] * offset + [not c for c in committed[offset:]])
+        tail = torch.zeros(b - open_end)  # positions the forward did not run (sub-block cache)
+        tokens, confidence, entropy = (torch.cat([x, tail.to(x.dtype)])
+                                       for x in (tokens, confidence, entropy))
+        masked = torch.tensor([False] * offset + [not c and j < open_end
+                                                  for j, c in enumerate(committed)][offset:])
         proposed = torch.cat([pad.long(), tokens])
         proposed = torch.where(torch.tensor(committed), torch.tensor(canvas), proposed)
         inp = PolicyInput(
