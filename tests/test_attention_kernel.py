@@ -4,6 +4,7 @@ On a machine without a GPU the kernel runs in Triton's interpreter (the plugin's
 on CUDA it is compiled.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,11 +17,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(heads, kv_heads, head_dim, page, queries, dtype, seed=0):
-    """queries: (first position, query length, block length[, drafts]) per request."""
-    queries = [(*q, 0)[:4] for q in queries]
+    """queries: (first position, query length, block length[, drafts[, key end]]) per request;
+    keys end with the query unless a key end is given (a sub-block run from the cache)."""
+    queries = [(*q, 0, q[0] + q[1])[:5] if len(q) < 5 else q for q in queries]
     g = torch.Generator().manual_seed(seed)
     seq_lens = [start + n for start, n, *_ in queries]
-    pages_per_req = [-(-s // page) for s in seq_lens]
+    pages_per_req = [-(-max(s, q[4]) // page) for s, q in zip(seq_lens, queries, strict=True)]
     num_pages = sum(pages_per_req) + 3
     perm = torch.randperm(num_pages, generator=g)
     table = torch.zeros(len(queries), max(pages_per_req), dtype=torch.int32)
@@ -35,7 +37,8 @@ def _case(heads, kv_heads, head_dim, page, queries, dtype, seed=0):
     k_new = torch.randn(total, kv_heads, head_dim, generator=g)
     v_new = torch.randn(total, kv_heads, head_dim, generator=g)
     pos = torch.cat([torch.arange(s, s + n) for s, n, *_ in queries])
-    layout = token_layout(*zip(*[(s, n, d, b) for s, n, b, d in queries], strict=True))
+    columns = list(zip(*[(s, n, d, b) for s, n, b, d, _ in queries], strict=True))
+    layout = token_layout(*columns, key_end=np.array([q[4] for q in queries]))
     ranges = [torch.from_numpy(a).int() for a in layout[:3]]
     req_of = torch.cat([torch.full((n,), r) for r, (_, n, *_) in enumerate(queries)])
     slots = (table[req_of, pos // page].long() * page + pos % page)
@@ -61,6 +64,34 @@ CASES = [
     # two more copies of the block (B=8), beside a request with one draft
     dict(heads=4, kv_heads=2, head_dim=32, page=16, queries=[(16, 32, 8, 22), (8, 8, 8, 8)]),
 ]
+
+
+# Fast-dLLM v2's sub-block cache: the active sub-block (8 of a 32-token block, 3 of them open)
+# sees the cached prefix and the whole block, the keys past its query included.
+SUB_BLOCK = [(1024 + 8, 8, 32, 3, 1024 + 32), (64 + 24, 8, 32, 8, 96)]
+
+
+# Triton's interpreter computes bfloat16 wrongly (numpy has no such type): compiled only.
+BF16 = pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter lacks bfloat16")
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads,page,dtype,context", [
+    (128, 28, 4, 16, torch.float16, 1024),  # Qwen2.5-7B heads (GQA 7)
+    pytest.param(128, 28, 4, 16, torch.bfloat16, 1024, marks=BF16),
+    (64, 8, 2, 32, torch.float16, 4096),
+    (128, 4, 4, 32, torch.float16, 8192),
+    pytest.param(128, 4, 4, 32, torch.bfloat16, 8192, marks=BF16),
+])
+def test_sub_block_queries_see_their_whole_block(head_dim, heads, kv_heads, page, dtype, context):
+    queries = [(context + 8, 8, 32, 3, context + 32), *SUB_BLOCK[1:]]
+    c = _case(heads, kv_heads, head_dim, page, queries, dtype)
+    write_kv_cache(c["k_new"], c["v_new"], c["kc"], c["vc"], c["slots"])
+    assert c["ranges"][0].tolist()[:8] == [context + 32] * 8
+    expected, got = torch.zeros_like(c["q"]), torch.zeros_like(c["q"])
+    meta = (c["qsl"], c["seq_lens"], c["table"], *c["ranges"], head_dim ** -0.5)
+    paged_block_causal_attention_torch(c["q"], c["kc"], c["vc"], expected, *meta)
+    paged_block_causal_attention_triton(c["q"], c["kc"], c["vc"], got, *meta, 8)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("case", CASES)
