@@ -9,6 +9,7 @@
 #     invariant the determinism tests again under VLLM_BATCH_INVARIANT=1
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256
+#     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #
 # SRC_TGZ (optional, `git archive HEAD | gzip`): run that commit instead of the working tree.
 set -uo pipefail
@@ -51,6 +52,10 @@ for step in "$@"; do
       (cd benchmarks && timeout ${TP_S:-560} python3 throughput.py --shape qwen3-1.7b \
         --max-tokens 64 --out "$OUT/throughput_$card.json") > "$OUT/throughput.log" 2>&1
       echo "throughput rc=$?"; tail -32 "$OUT/throughput.log" ;;
+    subblock)
+      (cd benchmarks && timeout 240 python3 subblock_attention.py \
+        --out "$OUT/subblock_attention_$card.json") > "$OUT/subblock_attention.log" 2>&1
+      echo "subblock rc=$?"; tail -14 "$OUT/subblock_attention.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
