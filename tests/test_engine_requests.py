@@ -107,6 +107,10 @@ def test_statistics_per_request(llm):
     stats = out.kv_transfer_params["blockdiff"]
     # one forward for the prompt, then one per block (static with steps=1 commits a whole block)
     blocks = 2 + (len(out.prompt_token_ids) % 8 > 0)
+    # the prompt (less any prefix-cache hit), the first block, then each block with the finished
+    # one recomputed
+    canvases = 8 + 16 * (blocks - 1)
+    assert canvases < stats.pop("query_tokens") <= len(out.prompt_token_ids) + canvases
     assert stats == {"forwards": 1 + blocks, "output_tokens": 16,
                      "tokens_per_forward": pytest.approx(16 / stats["forwards"], abs=1e-4),
                      "block_length": 8, "blocks": blocks, "forwards_per_block": 1.0}
