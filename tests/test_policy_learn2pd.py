@@ -18,7 +18,7 @@ from test_policies_seed import _input
 
 from vllm_blockdiff.options import OptionsError, ServeConfig, resolve_options
 from vllm_blockdiff.policies import POLICIES
-from vllm_blockdiff.policies.learn2pd import DEFAULT_PATH, read_filters
+from vllm_blockdiff.policies.learn2pd import DEFAULT_PATH, MLP, read_filters
 from vllm_blockdiff.reference.modeling import CausalLM
 
 BUNDLED = Path(__file__).parent.parent / "examples" / "models" / "sdar-testbed"
@@ -243,3 +243,16 @@ def test_served_with_the_bundled_filter_matches_the_reference(bundled_llm):
         bundled_llm.generate([TokensPrompt(prompt_token_ids=prompts[0])],
                              SamplingParams(extra_args={"policy": "learn2pd", "block_length": 2}),
                              use_tqdm=False)
+
+
+def test_the_filter_gives_each_row_the_same_bits_in_any_batch():
+    """Greedy requests commit the same tokens whatever shares their batch, so the filter's
+    logits for a row must not depend on the other rows (a GEMM's summation order does)."""
+    g = torch.Generator().manual_seed(0)
+    b, h = 16, 64
+    mlp = MLP(torch.randn(h, b, generator=g), torch.randn(h, generator=g),
+              torch.randn(b, h, generator=g), torch.randn(b, generator=g))
+    confidence = torch.rand(37, b, generator=g)
+    batch = mlp(confidence)
+    for i in range(len(confidence)):
+        assert torch.equal(mlp(confidence[i:i + 1])[0], batch[i]), i

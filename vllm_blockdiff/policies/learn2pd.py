@@ -46,8 +46,13 @@ class MLP(NamedTuple):
     b2: torch.Tensor  # [B]
 
     def __call__(self, confidence: torch.Tensor) -> torch.Tensor:
-        """[N, B] confidences (0 where not masked) -> [N, B] logits."""
-        return F.linear(F.relu(F.linear(confidence, self.w1, self.b1)), self.w2, self.b2)
+        """[N, B] confidences (0 where not masked) -> [N, B] logits.
+
+        Row by row (a product and a sum per row, no GEMM): a matrix multiply's summation order
+        depends on the number of rows, and a greedy request's commits must not depend on what
+        shares its batch."""
+        hidden = F.relu((confidence[:, None, :] * self.w1).sum(-1) + self.b1)
+        return (hidden[:, None, :] * self.w2).sum(-1) + self.b2
 
     def to(self, device: torch.device) -> MLP:
         return MLP(*(t.to(device=device, dtype=torch.float32) for t in self))
