@@ -8,6 +8,8 @@ the model state this class points Model Runner V2 to.
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.model_executor.layers.attention import Attention
@@ -15,7 +17,10 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 from vllm_blockdiff.attention.backend import BlockDiffusionAttentionBackend
-from vllm_blockdiff.engine.model_state import BlockDiffusionModelState
+
+# Model Runner V2's state for these executors, named the way vLLM's registries name classes: the
+# decoding is vLLM glue (`engine/`), which uses the models and is never imported by them.
+MODEL_STATE = "vllm_blockdiff.engine.model_state:BlockDiffusionModelState"
 
 
 def use_block_diffusion_attention(model: nn.Module) -> None:
@@ -52,7 +57,8 @@ class BlockDiffusionExecutor:
 
     @staticmethod
     def get_model_state_cls():
-        return BlockDiffusionModelState
+        module, _, name = MODEL_STATE.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 class SDARForCausalLM(BlockDiffusionExecutor, Qwen3ForCausalLM):
