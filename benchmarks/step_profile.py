@@ -44,15 +44,17 @@ def _wrap(obj, name: str, label: str) -> None:
     setattr(obj, name, wrapped)
 
 
-def _instrument(llm) -> dict[str, int]:
-    """Wrap the phases of the in-process engine; returns a live step counter."""
+def _instrument(llm) -> dict:
+    """Wrap the phases of the in-process engine; returns a live step counter and the times at
+    which steps were scheduled."""
     core = llm.llm_engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
-    steps = {"n": 0}
+    steps = {"n": 0, "t": []}
     schedule = core.scheduler.schedule
 
     def counted(*args, **kwargs):
         steps["n"] += 1
+        steps["t"].append(time.perf_counter())
         return schedule(*args, **kwargs)
 
     core.scheduler.schedule = counted
@@ -126,11 +128,14 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
                                                   for j in range(prompt_len)])
                    for i in range(batch)]
         llm.generate(prompts, params, use_tqdm=False)  # warm-up
-        steps["n"] = 0
+        steps["n"], steps["t"] = 0, []
         t = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t
         n = steps["n"]
+        # The first step is the prompt's; the decode steps' median leaves it out of the average.
+        gaps = sorted(b - a for a, b in zip(steps["t"][1:], steps["t"][2:], strict=False))
+        decode_ms = round(gaps[len(gaps) // 2] * 1e3, 3) if gaps else None
         steps["n"] = 0
         activities = [torch.profiler.ProfilerActivity.CPU]
         if cuda:
@@ -142,6 +147,7 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
                      "cudagraph_mode": cudagraph_mode or "default",
                      "card": torch.cuda.get_device_name() if cuda else "cpu", "steps": n,
                      "wall_ms_per_step": round(wall * 1e3 / n, 3),
+                     "decode_step_median_ms": decode_ms,
                      **_breakdown(prof, steps["n"])})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -181,14 +187,16 @@ def main() -> None:
                    "--max-tokens", str(a.max_tokens)]
             subprocess.run(cmd, env=env, check=True)
             rows += json.loads(out.read_text())
-    print(f"\n{'engine':9} {'B:steps':7} {'graphs':10} {'batch':>5} {'wall ms':>8} "
+    print(f"\n{'engine':9} {'B:steps':7} {'graphs':10} {'batch':>5} {'wall ms':>8} {'decode':>7} "
           + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'GPU busy':>8} {'idle':>7}")
     for r in rows:
         phases = " ".join(f"{r[p]['host_ms']:4.1f}/{r[p]['gpu_ms']:3.1f}" for p in PHASES)
         print(f"{r['engine']:9} {r['config']:7} {r['cudagraph_mode']:10} {r['batch']:5d} "
-              f"{r['wall_ms_per_step']:8.2f} {phases} {r['gpu']['busy_ms']:8.2f} "
+              f"{r['wall_ms_per_step']:8.2f} {r['decode_step_median_ms']:7.2f} {phases} "
+              f"{r['gpu']['busy_ms']:8.2f} "
               f"{r['gpu']['idle_ms']:7.2f}")
-    print("(phases: profiled host ms / GPU ms per step)")
+    print("(wall: mean per step, prompt step included; decode: median gap between the schedule "
+          "calls of decode steps; phases: profiled host ms / GPU ms per step)")
     Path(a.out).write_text(json.dumps({"shape": a.shape, "prompt_len": a.prompt_len,
                                        "max_tokens": a.max_tokens, "rows": rows}, indent=2))
 
