@@ -1,6 +1,7 @@
 """Decode throughput of block diffusion against the autoregressive twin, side by side in one run.
 
-Both engines load the same architecture shape (SDAR = Qwen3 + block-causal attention), with
+Both engines load the same architecture shape (SDAR = Qwen3 + block-causal attention, or with
+`--family fast_dllm` Fast-dLLM v2 = Qwen2.5 + block-causal attention and shifted logits), with
 `load_format=dummy` random weights for model shapes whose checkpoints are not available here, so
 the comparison is of the serving path at a controlled tokens-per-forward: the `static` policy with
 `steps` S commits B / S tokens per forward whatever the weights. Per engine it also times the
@@ -8,6 +9,7 @@ first token of a `--ttft-prompt-len` prompt (TTFT). Prints a table and writes JS
 names the card.
 
     python benchmarks/throughput.py --shape qwen3-1.7b --out benchmarks/results/throughput_h100.json
+    python benchmarks/throughput.py --family fast_dllm --shape qwen2.5-1.5b --configs 32:8
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ SHAPES = {
     "tiny": (128, 384, 2, 4, 2, 32, 384),
     "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, 151936),
     "qwen3-1.7b": (2048, 6144, 28, 16, 8, 128, 151936),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 128, 151936),  # Fast-dLLM v2 1.5B
 }
+# The diffusion family and its AR twin: SDAR on Qwen3, Fast-dLLM v2 on Qwen2.5.
+FAMILIES = {"sdar": "qwen3", "fast_dllm": "qwen2"}
+DIFFUSION = set(FAMILIES)
 
 
 class Row(msgspec.Struct):
@@ -56,10 +62,13 @@ def write_shape(root: Path, shape: str, arch: str) -> str:
     out = root / f"{shape}-{arch}"
     out.mkdir(parents=True, exist_ok=True)
     ids = write_tokenizer(out, train_tokenizer(stdlib_corpus(), 384))
+    qwen2 = arch in ("fast_dllm", "qwen2")  # q/k/v biases, no q/k norms, tied embeddings
     args = ModelArgs(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                      num_hidden_layers=layers, num_attention_heads=heads,
-                     num_key_value_heads=kv, head_dim=hd)
-    config = model_config(arch, args, ids, 4 if arch == "sdar" else None, 4096, "bfloat16")
+                     num_key_value_heads=kv, head_dim=hd, attention_bias=qwen2,
+                     qk_norm=not qwen2, tie_word_embeddings=qwen2)
+    block = {"sdar": 4, "fast_dllm": 32}.get(arch)
+    config = model_config(arch, args, ids, block, 4096, "bfloat16")
     (out / "config.json").write_text(json.dumps(config))
     return str(out)
 
@@ -83,10 +92,11 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
               max_model_len=max(prompt_len, ttft_prompt_len) + max_tokens + 64,
               gpu_memory_utilization=0.5, max_num_seqs=max(batches), seed=0,
               # with prefix caching, block lengths must divide the KV page (B=32 included)
-              block_size=max(16, max_block) if arch == "sdar" else None,
+              block_size=max(16, max_block) if arch in DIFFUSION else None,
               compilation_config={"cudagraph_mode": cudagraph_mode} if cudagraph_mode else {},
-              additional_config={"blockdiff": {"max_block_length": max(max_block, 16)}}
-              if arch == "sdar" else {})
+              additional_config={"blockdiff": {"max_block_length": max(max_block, 16),
+                                               "block_length": max_block}}
+              if arch in DIFFUSION else {})
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for block_length, steps in configs:
@@ -95,18 +105,18 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
             prompts = _prompts(batch, prompt_len)
             params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
                                     detokenize=False,
-                                    extra_args=extra if arch == "sdar" else None)
+                                    extra_args=extra if arch in DIFFUSION else None)
             llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
             t = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             dt = time.perf_counter() - t
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            if arch == "sdar":
+            if arch in DIFFUSION:
                 fwd = sum(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs) / batch
                 slowest = max(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs)
             else:
                 fwd = slowest = max_tokens  # one forward per token (the prompt's emits the first)
-            rows.append(Row(engine="ar" if arch == "qwen3" else "diffusion",
+            rows.append(Row(engine="diffusion" if arch in DIFFUSION else "ar",
                             block_length=block_length, steps=steps, batch=batch,
                             output_tokens=tokens, seconds=round(dt, 3),
                             tokens_per_s=round(tokens / dt, 1),
@@ -119,7 +129,7 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
     block_length, steps = configs[0]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False,
                             extra_args={"policy": "static", "block_length": block_length,
-                                        "steps": steps} if arch == "sdar" else None)
+                                        "steps": steps} if arch in DIFFUSION else None)
     ttft = []
     for i in range(4):  # the first is a warm-up; distinct prompts (no prefix-cache hits)
         t = time.perf_counter()
@@ -132,6 +142,8 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="sdar",
+                   help="the diffusion family; its AR twin is served beside it")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -154,17 +166,19 @@ def main() -> None:
         if row is not None:
             rows.append(row)
         Path(a.out).write_text(json.dumps({
-            "shape": a.shape, "prompt_len": a.prompt_len, "max_tokens": a.max_tokens,
+            "shape": a.shape, "family": a.family, "prompt_len": a.prompt_len,
+            "max_tokens": a.max_tokens,
             "eager": a.eager, "card": rows[0].card if rows else None, "ttft": ttft,
             "rows": msgspec.to_builtins(rows)}, indent=2))
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            _, ttft["ar_s"] = run_engine(write_shape(root, a.shape, "qwen3"), "qwen3", [(1, 1)],
+            twin = FAMILIES[a.family]
+            _, ttft["ar_s"] = run_engine(write_shape(root, a.shape, twin), twin, [(1, 1)],
                                          *common, None, a.ttft_prompt_len, save)
             save()
-            _, ttft["diffusion_s"] = run_engine(write_shape(root, a.shape, "sdar"), "sdar",
+            _, ttft["diffusion_s"] = run_engine(write_shape(root, a.shape, a.family), a.family,
                                                 configs, *common, a.cudagraph_mode,
                                                 a.ttft_prompt_len, save)
             save()

@@ -10,6 +10,7 @@
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
+#     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
 #
 # SRC_TGZ (optional, `git archive HEAD | gzip`): run that commit instead of the working tree.
 set -uo pipefail
@@ -56,6 +57,11 @@ for step in "$@"; do
       (cd benchmarks && timeout 240 python3 subblock_attention.py \
         --out "$OUT/subblock_attention_$card.json") > "$OUT/subblock_attention.log" 2>&1
       echo "subblock rc=$?"; tail -14 "$OUT/subblock_attention.log" ;;
+    fastdllm)
+      (cd benchmarks && timeout ${TP_S:-400} python3 throughput.py --family fast_dllm \
+        --shape qwen2.5-1.5b --configs 16:4,32:8 --batch 1 16 64 --max-tokens 64 \
+        --out "$OUT/throughput_fast_dllm_$card.json") > "$OUT/throughput_fast_dllm.log" 2>&1
+      echo "fastdllm rc=$?"; tail -12 "$OUT/throughput_fast_dllm.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

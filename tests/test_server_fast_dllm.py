@@ -76,7 +76,9 @@ def test_response_format_json_schema(server, compact):
         model=model, messages=[{"role": "user", "content": "A city as JSON."}], max_tokens=200,
         temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}},
-        extra_body={"structured_outputs": {"disable_any_whitespace": compact}})
+        # vLLM takes `disable_any_whitespace` only beside a constraint: the same schema
+        extra_body={"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}
+        if compact else None)
     choice = out.choices[0]
     text = choice.message.content
     assert stats_of(out)["grammar"]["backend"] in ("xgrammar", "llguidance")
@@ -99,11 +101,11 @@ def test_sub_block_cache_is_on_by_default_and_saves_query_tokens(server):
                                         extra_body={"ignore_eos": True, "vllm_xargs": xargs})
         return out.choices[0].text, stats_of(out)
 
-    _, cached = run({})
+    text, cached = run({})
     _, uncached = run({"use_block_cache": False})
-    _, named = run({"policy": "subblock", "use_block_cache": True})
+    assert run({"policy": "subblock", "use_block_cache": True}) == (text, cached)
     assert cached["output_tokens"] == uncached["output_tokens"] == 48
-    assert named["query_tokens"] == cached["query_tokens"]
-    assert uncached["query_tokens"] > cached["query_tokens"], (cached, uncached)
+    # Between refreshes a step runs one 8-position sub-block instead of the 32-position block.
+    assert uncached["query_tokens"] > 1.5 * cached["query_tokens"], (cached, uncached)
     with pytest.raises(openai.BadRequestError, match="use_block_cache"):
         run({"policy": "threshold", "use_block_cache": False})
