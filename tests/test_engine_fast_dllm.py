@@ -85,3 +85,29 @@ def test_block_length_comes_from_bd_size_and_drafting_policies_are_refused(llm):
         llm.generate([TokensPrompt(prompt_token_ids=[10, 11])],
                      SamplingParams(temperature=0.0, extra_args={"policy": "freedave"}),
                      use_tqdm=False)
+
+
+def test_preempted_requests_resume_without_their_cached_block(checkpoint):
+    """A KV cache of 10 pages for 12 concurrent requests forces preemptions: a resumed request
+    starts its block afresh on both sides of vLLM (scheduler and workers), with the sub-block
+    cache on, and still decodes exactly like the reference."""
+    from conftest import ENGINE_ARGS
+    from vllm import LLM
+
+    args = {**ENGINE_ARGS, "max_model_len": 128, "num_gpu_blocks_override": 10,
+            "disable_log_stats": False}
+    engine = LLM(checkpoint, **args)
+    reference = CausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    options = {"policy": "subblock", "sub_block_length": 4, "block_length": 16}
+    batch = prompts() * 2
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=options)
+    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params,
+                           use_tqdm=False)
+    preemptions = sum(m.value for m in engine.get_metrics()
+                      if m.name == "vllm:num_preemptions")
+    del engine
+    assert preemptions > 0
+    for prompt, out in zip(batch, outs, strict=True):
+        ref = generate(reference, prompt, resolve_options(options, SERVE), MASK, MAX_TOKENS,
+                       {EOS, IM_END}, shifted=True)
+        assert list(out.outputs[0].token_ids) == ref.token_ids, len(prompt)

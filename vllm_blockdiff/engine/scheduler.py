@@ -163,6 +163,13 @@ class BlockDiffusionScheduler(Scheduler):
                 progress.observe(request)
         return outputs
 
+    def _preempt_request(self, request: Request, timestamp: float) -> None:
+        super()._preempt_request(request, timestamp)
+        # The workers take a resumed request afresh: no block KV of it is cached any more.
+        progress = self._progress.get(request.request_id)
+        if progress is not None:
+            progress.cache_block = -1
+
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         kv_params, ec_params = super()._free_request(request, delay_free_blocks)
         progress = self._progress.pop(request.request_id, None)
