@@ -11,6 +11,7 @@
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
+#     cache     benchmarks/subblock_cache.py: the sub-block cache on and off, same shape, batch 1-64
 #
 # SRC_TGZ (optional, `git archive HEAD | gzip`): run that commit instead of the working tree.
 set -uo pipefail
@@ -62,6 +63,10 @@ for step in "$@"; do
         --shape qwen2.5-1.5b --configs 16:4,32:8 --batch 1 16 64 --max-tokens 64 \
         --out "$OUT/throughput_fast_dllm_$card.json") > "$OUT/throughput_fast_dllm.log" 2>&1
       echo "fastdllm rc=$?"; tail -12 "$OUT/throughput_fast_dllm.log" ;;
+    cache)
+      (cd benchmarks && timeout 300 python3 subblock_cache.py --shape qwen2.5-1.5b \
+        --batch 1 16 64 --out "$OUT/subblock_cache_$card.json") > "$OUT/subblock_cache.log" 2>&1
+      echo "cache rc=$?"; tail -12 "$OUT/subblock_cache.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
