@@ -8,6 +8,8 @@ than patching blindly.
 from __future__ import annotations
 
 from vllm_blockdiff.patches import (
+    cpu_gumbel_sample,
+    cpu_top_k_top_p,
     diffusion_sampling_params,
     diffusion_structured_outputs,
     earliest_stop_string,
@@ -16,7 +18,7 @@ from vllm_blockdiff.patches import (
 )
 
 PATCHES = (diffusion_sampling_params, diffusion_structured_outputs, token_ids,
-           early_validation, earliest_stop_string)
+           early_validation, earliest_stop_string, cpu_top_k_top_p, cpu_gumbel_sample)
 
 
 def apply_patches() -> None:

@@ -181,3 +181,50 @@ def test_early_validation_refuses_when_generate_is_called():
         with pytest.raises(ValueError, match=message):
             AsyncLLM.generate(engine, bad_prompt, params, "r")
     AsyncLLM.generate(engine, prompt, SamplingParams(temperature=0.0), "r")
+
+
+def test_cpu_top_k_top_p_takes_the_pytorch_path():
+    """With the plugin's Triton CPU backend installed, vLLM 0.26 sends CPU logits to its Triton
+    top-k/top-p kernel, which fails in the interpreter (a request with top_k killed the engine);
+    the patch keeps vLLM's PyTorch implementation on CPU, in every module that imports it."""
+    import importlib
+
+    import torch
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    from vllm_blockdiff.patches import cpu_top_k_top_p
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    k, p = torch.tensor([5, 50, 1]), torch.tensor([1.0, 0.5, 1.0])
+    expected = topk_topp_sampler.apply_top_k_top_p_pytorch(logits.clone(), k, p,
+                                                           allow_cpu_sync=True)
+    for name in cpu_top_k_top_p._USERS:
+        patched = importlib.import_module(name).apply_top_k_top_p
+        assert torch.equal(patched(logits.clone(), k, p), expected), name
+    with pytest.raises(Exception, match="has no attribute 'to'"):  # vLLM 0.26 alone
+        topk_topp_sampler.apply_top_k_top_p.__wrapped__(logits.clone(), k, p)
+
+
+def test_cpu_gumbel_sample_runs_on_the_host():
+    """Model Runner V2 samples with a Triton kernel that Triton's interpreter cannot run (a
+    sampled request killed a CPU server); the patch samples on the host: greedy rows take the
+    argmax, a sampled row's token depends on its seed and position only."""
+    import torch
+    from vllm.v1.worker.gpu.sample import gumbel, sampler
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([0, 1, 2], dtype=torch.int32)
+    temperature = torch.tensor([0.0, 1.0, 0.7])
+    seeds, pos = torch.tensor([5, 6, 7]), torch.tensor([3, 9, 9])
+    tokens = sampler.gumbel_sample(logits, idx, temperature, seeds, pos, True)
+    assert tokens[0] == logits[0].argmax()
+    for row in (1, 2):  # the same token alone as in the batch
+        alone = sampler.gumbel_sample(logits[row:row + 1], torch.tensor([0], dtype=torch.int32),
+                                      temperature[row:row + 1], seeds[row:row + 1],
+                                      pos[row:row + 1], True)
+        assert alone[0] == tokens[row]
+    draws = {int(sampler.gumbel_sample(logits[1:2], idx[:1], temperature[1:2],
+                                       torch.tensor([s]), pos[1:2], True)[0]) for s in range(30)}
+    assert len(draws) > 1  # sampled, not greedy
+    with pytest.raises(Exception, match="NoneType"):  # vLLM 0.26 alone, in the interpreter
+        gumbel.gumbel_sample.__wrapped__(logits, idx, temperature, seeds, pos, True)

@@ -46,6 +46,7 @@ from vllm.v1.worker.gpu.states import RequestState
 
 from vllm_blockdiff.engine.block_state import POLICY_NAMES, BlockStates
 from vllm_blockdiff.grammar import bitmask
+from vllm_blockdiff.kernels.gumbel_host import gumbel_sample_host
 from vllm_blockdiff.kernels.vocab_pass import vocab_stats
 from vllm_blockdiff.policies import POLICIES, PolicyInput, freedave
 from vllm_blockdiff.policies.block_switch import NEVER
@@ -54,17 +55,6 @@ from vllm_blockdiff.transfer import Staging
 # The runner reads `penalties_state.output_bin_counts`; block diffusion keeps no token counts.
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
 _PARALLEL_MASK_ROWS = 64  # below this many constrained requests, threads cost more than they save
-
-
-def _gumbel_sample_host(logits: torch.Tensor, seeds: np.ndarray, offsets: np.ndarray
-                        ) -> torch.Tensor:
-    """Gumbel-max sampling keyed, like vLLM's kernel, by (request seed, offset) per row."""
-    noise = torch.empty_like(logits)
-    for row, (seed, offset) in enumerate(zip(seeds.tolist(), offsets.tolist(), strict=True)):
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + offset) % (1 << 63))
-        u = torch.rand(logits.shape[-1], generator=gen).clamp_(min=1e-20)
-        noise[row] = -torch.log(-torch.log1p(-u))
-    return (logits + noise).argmax(-1)
 
 
 def fill_masks(constraints: list, masks: torch.Tensor,
@@ -417,7 +407,7 @@ class BlockDiffusionSampler:
             return logits, torch.where(d.greedy_row, tokens, sampled)
         # Triton's interpreter lacks the libdevice call vLLM's kernel uses.
         rows = torch.from_numpy(plan.sampled_rows)
-        tokens[rows] = _gumbel_sample_host(logits[rows], ss.seeds.np[idx[rows].numpy()],
+        tokens[rows] = gumbel_sample_host(logits[rows], ss.seeds.np[idx[rows].numpy()],
                                            rng_pos[rows].numpy())
         return logits, tokens
 
