@@ -11,8 +11,9 @@ with the torch profiler, the runner's and scheduler's phases wrapped in `record_
 - `postprocess`: the runner's bookkeeping after sampling.
 
 For each phase it reports host time (CPU time of the range) and GPU time (kernels launched from
-it) per step, plus the GPU's busy time (union of kernel intervals) and idle time per step. The
-profiler roughly doubles host times; the unprofiled wall time is the real step cost.
+it) per step, plus the GPU's busy time (union of kernel intervals) and idle time per step, and
+the kernels that take the most GPU time (ms and launches per step). The profiler roughly doubles
+host times; the unprofiled wall time is the real step cost.
 
     python benchmarks/step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
         --out benchmarks/results/step_profile.json
@@ -29,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+TOP_KERNELS = 15
 PHASES = ("schedule", "prepare", "forward", "logits", "sampler", "postprocess", "update")
+RANGES = ("execute", "sample", *PHASES)
 
 
 def _wrap(obj, name: str, label: str) -> None:
@@ -87,26 +90,55 @@ def _breakdown(prof, steps: int) -> dict[str, dict[str, float]]:
     host: dict[str, float] = {}
     gpu: dict[str, float] = {}
     for e in events:
-        if e.device_type == DeviceType.CPU and e.name in ("execute", "sample", *PHASES):
+        if e.device_type == DeviceType.CPU and e.name in RANGES:
             host[e.name] = host.get(e.name, 0.0) + e.cpu_time_total / 1e3
             gpu[e.name] = gpu.get(e.name, 0.0) + e.device_time_total / 1e3
     # forward = execute - prepare; sampler = sample - logits (ranges nest that way)
     for outer, inner, name in (("execute", "prepare", "forward"), ("sample", "logits", "sampler")):
         host[name] = host.pop(outer, 0.0) - host.get(inner, 0.0)
         gpu[name] = gpu.pop(outer, 0.0) - gpu.get(inner, 0.0)
-    kernels = [(e.time_range.start, e.time_range.end) for e in events
-               if e.device_type == DeviceType.CUDA]
+    # CUDA events named after the ranges above are the profiler's GPU annotations, not kernels.
+    cuda = [e for e in events if e.device_type == DeviceType.CUDA and e.name not in RANGES]
+    kernels = [(e.time_range.start, e.time_range.end) for e in cuda]
     span = (max(b for _, b in kernels) - min(a for a, _ in kernels)) / 1e3 if kernels else 0.0
     busy = _union(kernels) / 1e3
     out = {p: {"host_ms": round(host.get(p, 0.0) / steps, 3),
                "gpu_ms": round(gpu.get(p, 0.0) / steps, 3)} for p in PHASES}
     out["gpu"] = {"busy_ms": round(busy / steps, 3), "idle_ms": round((span - busy) / steps, 3),
                   "kernels": round(len(kernels) / steps, 1)}
+    # Which kernels the GPU time goes to: the diffusion step's extra work shows up by name.
+    by_name: dict[str, list[float]] = {}
+    for e in cuda:
+        t = by_name.setdefault(e.name[:80], [0.0, 0])
+        t[0] += (e.time_range.end - e.time_range.start) / 1e3
+        t[1] += 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
+    out["top_kernels"] = [{"name": n, "gpu_ms": round(ms / steps, 4),
+                           "per_step": round(c / steps, 1)} for n, (ms, c) in top]
     return out
 
 
+def _py_profile(llm, prompts, params, out: Path) -> None:
+    """One more `generate` under cProfile: the plugin's and the runner's functions by own and
+    cumulative time, written as text."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(prompts, params, use_tqdm=False)
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(50)
+    stats.sort_stats("cumulative").print_stats(r"vllm_blockdiff|vllm/v1", 80)
+    out.write_text(text.getvalue())
+
+
 def run_engine(path: str, arch: str, configs: list[str], batches: list[int], prompt_len: int,
-               max_tokens: int, cudagraph_mode: str | None) -> list[dict]:
+               max_tokens: int, cudagraph_mode: str | None, pyprofile: str | None = None
+               ) -> list[dict]:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -142,6 +174,9 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             llm.generate(prompts, params, use_tqdm=False)
+        if pyprofile:  # host time by Python function (cProfile inflates call-heavy code)
+            _py_profile(llm, prompts, params, Path(pyprofile)
+                        / f"pyprofile_{arch}_{config.replace(':', 'x')}_b{batch}.txt")
         rows.append({"engine": "ar" if arch == "qwen3" else "diffusion",
                      "config": config if arch == "sdar" else "-", "batch": batch,
                      "cudagraph_mode": cudagraph_mode or "default",
@@ -163,12 +198,14 @@ def main() -> None:
     p.add_argument("--cudagraph-modes", default="default",
                    help="diffusion runs per mode, e.g. 'PIECEWISE,default' (default: the plugin's)")
     p.add_argument("--out", default="step_profile.json")
+    p.add_argument("--pyprofile", default=None,
+                   help="a folder: also write each run's host time by Python function there")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:  # one engine in this process
         path, arch, configs, mode, out = a.worker
         rows = run_engine(path, arch, configs.split(","), a.batch, a.prompt_len, a.max_tokens,
-                          None if mode == "default" else mode)
+                          None if mode == "default" else mode, a.pyprofile)
         Path(out).write_text(json.dumps(rows))
         return
     from throughput import write_shape
@@ -185,6 +222,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", path, arch, config, mode, str(out),
                    "--batch", *map(str, a.batch), "--prompt-len", str(a.prompt_len),
                    "--max-tokens", str(a.max_tokens)]
+            if a.pyprofile:
+                cmd += ["--pyprofile", str(Path(a.pyprofile).resolve())]
             subprocess.run(cmd, env=env, check=True)
             rows += json.loads(out.read_text())
     print(f"\n{'engine':9} {'B:steps':7} {'graphs':10} {'batch':>5} {'wall ms':>8} {'decode':>7} "
@@ -195,6 +234,10 @@ def main() -> None:
               f"{r['wall_ms_per_step']:8.2f} {r['decode_step_median_ms']:7.2f} {phases} "
               f"{r['gpu']['busy_ms']:8.2f} "
               f"{r['gpu']['idle_ms']:7.2f}")
+    for r in rows:
+        print(f"\n{r['engine']} {r['config']} batch {r['batch']}: top kernels, GPU ms per step")
+        for k in r["top_kernels"]:
+            print(f"  {k['gpu_ms']:7.3f} ms {k['per_step']:6.1f}x  {k['name']}")
     print("(wall: mean per step, prompt step included; decode: median gap between the schedule "
           "calls of decode steps; phases: profiled host ms / GPU ms per step)")
     Path(a.out).write_text(json.dumps({"shape": a.shape, "prompt_len": a.prompt_len,

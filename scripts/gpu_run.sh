@@ -8,6 +8,7 @@
 #     tests     GPU engine tests with torch.compile and FULL CUDA graphs (BLOCKDIFF_TEST_COMPILE=1)
 #     invariant the determinism tests again under VLLM_BATCH_INVARIANT=1
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
+#               (MODES, CONFIGS select the runs; PYPROFILE=1 adds host time by Python function)
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
@@ -48,8 +49,9 @@ for step in "$@"; do
     profile)
       (cd benchmarks && timeout ${PROFILE_S:-330} python3 step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
         --configs ${CONFIGS:-4:4,4:1} --cudagraph-modes ${MODES:-PIECEWISE,default} \
-        --out "$OUT/step_profile_$card.json") > "$OUT/step_profile.log" 2>&1
-      echo "profile rc=$?"; tail -14 "$OUT/step_profile.log" ;;
+        --out "$OUT/step_profile_$card.json" ${PYPROFILE:+--pyprofile "$OUT"}) \
+        > "$OUT/step_profile.log" 2>&1
+      echo "profile rc=$?"; tail -60 "$OUT/step_profile.log" ;;
     throughput)
       (cd benchmarks && timeout ${TP_S:-560} python3 throughput.py --shape qwen3-1.7b \
         --max-tokens 64 --out "$OUT/throughput_$card.json") > "$OUT/throughput.log" 2>&1
