@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 
 from vllm_blockdiff.testbed import (
+    PARALLEL_TASKS,
     TASKS,
     Example,
     arithmetic,
@@ -24,8 +25,8 @@ from vllm_blockdiff.testbed.example import in_test_partition
 N = 300
 
 
-def test_registry_lists_the_four_families():
-    assert set(TASKS) == {"arithmetic", "lists", "json", "code"}
+def test_registry_lists_the_families():
+    assert set(TASKS) == {"arithmetic", "lists", "json", "code", *PARALLEL_TASKS}
     with pytest.raises(ValueError):
         generate("lists", "validation", 1)
 
@@ -48,7 +49,7 @@ def test_scorer_accepts_the_target(task, split):
         assert score(task, ex, ex.target + "\n"), ex  # trailing whitespace is not an error
 
 
-@pytest.mark.parametrize("task", ["arithmetic", "lists", "json"])
+@pytest.mark.parametrize("task", sorted(set(TASKS) - {"code"}))
 def test_hash_splits_are_disjoint(task):
     train = {e.prompt for e in generate(task, "train", 3000, seed=0)}
     test = {e.prompt for e in generate(task, "test", 500, seed=0)}
@@ -143,11 +144,14 @@ def test_code_scoring():
 
 
 def _size(ex: Example) -> int:
-    """The difficulty knob of each family: digits, list length, leaves + depth, target lines."""
+    """The difficulty knob of each family: digits, list length, leaves + depth, target lines,
+    blank cells."""
     if ex.task == "arithmetic":
         return max(len(str(ex.meta["a"])), len(str(ex.meta["b"])))
-    if ex.task == "lists":
+    if "items" in ex.meta:  # lists and the waiting lines
         return len(ex.meta["items"])
+    if ex.task == "latin":
+        return ex.meta["blanks"]
     if ex.task == "json":
         return len(records.flatten(ex.meta["expected"]))
     return ex.target.count("\n") + 1
@@ -161,4 +165,5 @@ def test_hard_variant_is_harder(task):
         assert all(e.prompt.count('":{') >= 2 for e in hard)
         assert max(e.prompt.count('":{') for e in test) <= 1
     assert min(map(_size, hard)) > max(map(_size, test))
-    assert sum(len(e.target) for e in hard) > sum(len(e.target) for e in test)
+    if task != "latin":  # a Latin square's answer is the whole square whatever is blank
+        assert sum(len(e.target) for e in hard) > sum(len(e.target) for e in test)

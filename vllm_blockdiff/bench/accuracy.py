@@ -35,7 +35,7 @@ class Row(msgspec.Struct):
     accuracy: float
     forwards_per_request: float
     tokens_per_forward: float
-    tokens_per_s: float
+    tokens_per_s: float | None  # None where the row is not one timed run (an oracle)
 
 
 def parse_policy(spec: str) -> dict:
@@ -69,28 +69,51 @@ def resolve_tokens(args: dict, tokenizer) -> dict:
     return out
 
 
-def run_config(llm, examples: dict[str, list[Example]], extra: dict | None, label: str,
-               block_length: int, model: str) -> list[Row]:
+class Outcome(msgspec.Struct):
+    """One request: graded correct or not, output tokens, and model forwards it took."""
+
+    correct: bool
+    tokens: int
+    forwards: int
+
+
+def run_task(llm, task: str, examples: list[Example],
+             extra: dict | None) -> tuple[list[Outcome], float]:
+    """One task's examples through the engine: each request's outcome, and the wall time.
+
+    `extra` is the request's policy arguments, or None for an autoregressive model (one forward
+    per output token).
+    """
     from vllm import SamplingParams
 
-    rows = []
-    for task, exs in examples.items():
-        params = SamplingParams(temperature=0.0, max_tokens=96, extra_args=extra)
-        t = time.perf_counter()
-        outs = llm.generate([e.prompt for e in exs], params, use_tqdm=False)
-        seconds = time.perf_counter() - t
-        correct = sum(score(task, e, o.outputs[0].text) for e, o in zip(exs, outs, strict=True))
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        if extra is None:  # autoregressive: one forward per output token
-            forwards = tokens
-        else:
-            forwards = sum(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs)
-        rows.append(Row(model=model, task=task, policy=label, block_length=block_length,
-                        n=len(exs), accuracy=correct / len(exs),
-                        forwards_per_request=forwards / len(exs),
-                        tokens_per_forward=tokens / max(forwards, 1),
-                        tokens_per_s=tokens / seconds))
-    return rows
+    params = SamplingParams(temperature=0.0, max_tokens=96, extra_args=extra)
+    t = time.perf_counter()
+    outs = llm.generate([e.prompt for e in examples], params, use_tqdm=False)
+    seconds = time.perf_counter() - t
+    outcomes = []
+    for e, o in zip(examples, outs, strict=True):
+        tokens = len(o.outputs[0].token_ids)
+        forwards = tokens if extra is None else o.kv_transfer_params["blockdiff"]["forwards"]
+        outcomes.append(Outcome(score(task, e, o.outputs[0].text), tokens, forwards))
+    return outcomes, seconds
+
+
+def summarize(outcomes: list[Outcome], seconds: float | None, model: str, task: str,
+              policy: str, block_length: int) -> Row:
+    """One row from per-request outcomes (`seconds` None: not one timed run)."""
+    n, tokens = len(outcomes), sum(o.tokens for o in outcomes)
+    forwards = sum(o.forwards for o in outcomes)
+    return Row(model=model, task=task, policy=policy, block_length=block_length, n=n,
+               accuracy=sum(o.correct for o in outcomes) / n, forwards_per_request=forwards / n,
+               tokens_per_forward=tokens / max(forwards, 1),
+               tokens_per_s=None if seconds is None else tokens / seconds)
+
+
+def run_config(llm, examples: dict[str, list[Example]], extra: dict | None, label: str,
+               block_length: int, model: str) -> list[Row]:
+    """Every task's examples under one configuration: a row per task."""
+    return [summarize(*run_task(llm, task, exs, extra), model, task, label, block_length)
+            for task, exs in examples.items()]
 
 
 def engine(path: str, diffusion: bool = False):

@@ -15,11 +15,20 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from vllm_blockdiff.testbed import latin, waiting_line
 from vllm_blockdiff.testbed.tasks import TASKS, Example, generate
 from vllm_blockdiff.tools.checkpoint import EOS, MASK, train_tokenizer
 
 # Training mixture: arithmetic needs the most steps; code continuation is there for perplexity.
 DEFAULT_MIX = {"arithmetic": 0.3, "lists": 0.3, "json": 0.25, "code": 0.15}
+# The default families (60%, in their default proportions) plus the ParallelBench-style ones of
+# issue 13: 3.5% per waiting-line operation and 12% Latin squares (joint constraints learn slowest).
+PARALLEL_MIX = {
+    **{task: 0.6 * weight for task, weight in DEFAULT_MIX.items()},
+    **dict.fromkeys(waiting_line.FAMILIES, 0.035),
+    latin.NAME: 0.12,
+}
+MIXES = {"default": DEFAULT_MIX, "parallel": PARALLEL_MIX}  # named mixtures for --mix
 _DIGIT_PAIR = re.compile(r"(?<=\d)(?=\d)")
 
 

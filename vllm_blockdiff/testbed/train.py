@@ -3,6 +3,7 @@
     python -m vllm_blockdiff.testbed.train --arch qwen3 --out out/qwen3-testbed --budget-s 240
     python -m vllm_blockdiff.testbed.train --arch sdar --out out/sdar-testbed --budget-s 270
     python -m vllm_blockdiff.testbed.train --arch sdar --out /tmp/smoke --smoke   # CPU, seconds
+    python -m vllm_blockdiff.testbed.train --arch qwen3 --out out/qwen3 --mix parallel  # + issue 13
 
 Both archs share the network, tokenizer (trained here, byte-level BPE; identical for equal --seed,
 --vocab-size and --tokenizer-examples) and data; only the loss differs: SDAR block diffusion with
@@ -39,6 +40,7 @@ from torch import nn
 from vllm_blockdiff.reference.modeling import CausalLM, ModelArgs
 from vllm_blockdiff.testbed.data import (
     DEFAULT_MIX,
+    MIXES,
     Encoded,
     SpecialIds,
     build_tokenizer,
@@ -48,6 +50,7 @@ from vllm_blockdiff.testbed.data import (
 )
 from vllm_blockdiff.testbed.evaluate import TaskScore, evaluate
 from vllm_blockdiff.testbed.objectives import ar_loss, sdar_loss
+from vllm_blockdiff.testbed.tasks import EXACT_TASKS, PARALLEL_TASKS
 from vllm_blockdiff.tools.checkpoint import write_checkpoint
 
 
@@ -312,6 +315,11 @@ def report_markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def eval_tasks(mix: dict[str, float]) -> tuple[str, ...]:
+    """The exact tasks (always, as before), plus the ParallelBench-style ones the mixture trains."""
+    return EXACT_TASKS + tuple(task for task in PARALLEL_TASKS if task in mix)
+
+
 def run(cfg: TrainConfig, command: str, log: Callable[[str], None] = print) -> Path:
     """Tokenizer, data, training, evaluation and checkpoint: the whole pipeline for one model."""
     if cfg.arch not in ("sdar", "qwen3"):
@@ -342,7 +350,7 @@ def run(cfg: TrainConfig, command: str, log: Callable[[str], None] = print) -> P
         f"{task}/{split}": s
         for split in cfg.eval_splits
         for task, s in evaluate(
-            judge, tok, cfg.arch, split=split, n=cfg.eval_n, seed=cfg.seed,
+            judge, tok, cfg.arch, eval_tasks(cfg.mix), split=split, n=cfg.eval_n, seed=cfg.seed,
             block_size=cfg.eval_block_size, batch_size=cfg.eval_batch_size,
         ).items()
     }
@@ -397,6 +405,9 @@ def run(cfg: TrainConfig, command: str, log: Callable[[str], None] = print) -> P
 
 
 def _parse_mix(text: str) -> dict[str, float]:
+    """A named mixture (`data.MIXES`) or task=weight pairs."""
+    if text in MIXES:
+        return dict(MIXES[text])
     pairs = (item.split("=") for item in text.split(",") if item)
     return {task: float(weight) for task, weight in pairs}
 
@@ -420,8 +431,11 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
             parser.add_argument(flag, choices=["inv_t", "mean"], default=None, help=doc)
         elif name == "mix":
             parser.add_argument(flag, type=_parse_mix, default=None,
-                                help="training mixture, e.g. arithmetic=0.3,lists=0.3,json=0.25,"
-                                     "code=0.15 (the tokenizer always sees the default mixture)")
+                                help="training mixture: task=weight pairs, e.g. arithmetic=0.3,"
+                                     "lists=0.3,json=0.25,code=0.15, or a name: default, or "
+                                     "parallel (the default families plus the waiting-line and "
+                                     "Latin-square ones); the tokenizer always sees the default "
+                                     "mixture")
         elif name == "arch":
             parser.add_argument(flag, choices=["sdar", "qwen3"], required=True)
         elif name == "out":
