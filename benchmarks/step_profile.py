@@ -198,6 +198,7 @@ def main() -> None:
     p.add_argument("--cudagraph-modes", default="default",
                    help="diffusion runs per mode, e.g. 'PIECEWISE,default' (default: the plugin's)")
     p.add_argument("--out", default="step_profile.json")
+    p.add_argument("--no-ar", dest="ar", action="store_false", help="skip the AR twin's run")
     p.add_argument("--pyprofile", default=None,
                    help="a folder: also write each run's host time by Python function there")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -213,7 +214,7 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        runs = [(write_shape(root, a.shape, "qwen3"), "qwen3", "1:1", "default")]
+        runs = [(write_shape(root, a.shape, "qwen3"), "qwen3", "1:1", "default")] if a.ar else []
         sdar = write_shape(root, a.shape, "sdar")
         runs += [(sdar, "sdar", a.configs, m) for m in a.cudagraph_modes.split(",")]
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")

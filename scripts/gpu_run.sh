@@ -8,11 +8,13 @@
 #     tests     GPU engine tests with torch.compile and FULL CUDA graphs (BLOCKDIFF_TEST_COMPILE=1)
 #     invariant the determinism tests again under VLLM_BATCH_INVARIANT=1
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
-#               (MODES, CONFIGS select the runs; PYPROFILE=1 adds host time by Python function)
+#               (MODES, CONFIGS select the runs, NO_AR=1 skips the AR twin; PYPROFILE=1 adds
+#               host time by Python function)
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
 #     cache     benchmarks/subblock_cache.py: the sub-block cache on and off, same shape, batch 1-64
+#     train     the testbed pair retrained on old + ParallelBench-style families (TRAIN_S each)
 #
 # SRC_TGZ (optional, `git archive HEAD | gzip`): run that commit instead of the working tree.
 set -uo pipefail
@@ -49,7 +51,7 @@ for step in "$@"; do
     profile)
       (cd benchmarks && timeout ${PROFILE_S:-330} python3 step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
         --configs ${CONFIGS:-4:4,4:1} --cudagraph-modes ${MODES:-PIECEWISE,default} \
-        --out "$OUT/step_profile_$card.json" ${PYPROFILE:+--pyprofile "$OUT"}) \
+        --out "$OUT/step_profile_$card.json" ${PYPROFILE:+--pyprofile "$OUT"} ${NO_AR:+--no-ar}) \
         > "$OUT/step_profile.log" 2>&1
       echo "profile rc=$?"; tail -60 "$OUT/step_profile.log" ;;
     throughput)
@@ -69,6 +71,17 @@ for step in "$@"; do
       (cd benchmarks && timeout 300 python3 subblock_cache.py --shape qwen2.5-1.5b \
         --batch 1 16 64 --out "$OUT/subblock_cache_$card.json") > "$OUT/subblock_cache.log" 2>&1
       echo "cache rc=$?"; tail -12 "$OUT/subblock_cache.log" ;;
+    train)
+      # The testbed pair retrained on the old and the ParallelBench-style families (issue 13),
+      # with the bundled tokenizer; each loop gets TRAIN_S seconds (the step count follows).
+      m=$OUT/models; mkdir -p "$m"
+      (cd / && python3 -m vllm_blockdiff.testbed.train --arch qwen3 --out "$m/qwen3-testbed" \
+        --mix parallel --tokenizer "$src/examples/models/qwen3-testbed/tokenizer.json" \
+        --budget-s ${TRAIN_S:-170} --log-every 500 \
+        && python3 -m vllm_blockdiff.testbed.train --arch sdar --out "$m/sdar-testbed" \
+        --init-from "$m/qwen3-testbed" --mix parallel --budget-s ${TRAIN_S:-170} \
+        --log-every 500) > "$OUT/train.log" 2>&1
+      echo "train rc=$?"; grep -h "accuracy\|steps:\|training time" "$m"/*/TRAINING.md | head -8 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
