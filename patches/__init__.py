@@ -14,11 +14,13 @@ from vllm_blockdiff.patches import (
     diffusion_structured_outputs,
     earliest_stop_string,
     early_validation,
+    proposer_step,
     token_ids,
 )
 
 PATCHES = (diffusion_sampling_params, diffusion_structured_outputs, token_ids,
-           early_validation, earliest_stop_string, cpu_top_k_top_p, cpu_gumbel_sample)
+           early_validation, earliest_stop_string, cpu_top_k_top_p, cpu_gumbel_sample,
+           proposer_step)
 
 
 def apply_patches() -> None:

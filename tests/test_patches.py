@@ -228,3 +228,53 @@ def test_cpu_gumbel_sample_runs_on_the_host():
     assert len(draws) > 1  # sampled, not greedy
     with pytest.raises(Exception, match="NoneType"):  # vLLM 0.26 alone, in the interpreter
         gumbel.gumbel_sample.__wrapped__(logits, idx, temperature, seeds, pos, True)
+
+
+def test_proposer_step_shows_a_custom_proposer_the_step_it_drafts_for():
+    """vLLM 0.26's V1 runner gives a `custom_class` proposer neither logits nor request ids;
+    patched, `_sample` first hands the drafter the step: Token Recycling keeps the target's top-k
+    at every scored position, under the token fed there. Sampling itself is unchanged."""
+    import numpy as np
+    import torch
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_blockdiff.proposers.token_recycling import TokenRecyclingProposer
+
+    vocab = 40
+    config = SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=2), additional_config={},
+        model_config=SimpleNamespace(max_model_len=32, get_vocab_size=lambda: vocab))
+    zeros = torch.zeros(2)
+    metadata = SamplingMetadata(
+        temperature=None, all_greedy=True, all_random=False, top_p=None, top_k=None,
+        generators={}, max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
+        frequency_penalties=zeros, presence_penalties=zeros, repetition_penalties=zeros + 1,
+        output_token_ids=[[], []], allowed_token_ids_mask=None, bad_words_token_ids={},
+        logitsprocs=LogitsProcessors())
+    # Two requests: the step fed 5, 6, 7 (a prompt chunk) and 9; their logits rows are the
+    # positions of 7 and 9.
+    runner = SimpleNamespace(
+        drafter=TokenRecyclingProposer(config), sampler=Sampler(),
+        input_batch=SimpleNamespace(sampling_metadata=metadata, req_ids=["a", "b"],
+                                    update_async_output_token_ids=lambda: None),
+        input_ids=SimpleNamespace(gpu=torch.tensor([5, 6, 7, 9])),
+        query_start_loc=SimpleNamespace(gpu=torch.tensor([0, 3, 4])))
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
+    history = np.zeros((2, 32), dtype=np.int32)
+    history[:, :2] = [[7, 1], [9, 2]]
+
+    def propose() -> list[list[int]]:
+        return runner.drafter.propose([[1], [2]], np.array([2, 2]), history)
+
+    alone = GPUModelRunner._sample.__wrapped__(runner, logits.clone(), None)  # vLLM 0.26 alone
+    with pytest.raises(RuntimeError, match="needs vllm-blockdiff's patch proposer_step"):
+        propose()
+    patched = GPUModelRunner._sample(runner, logits.clone(), None)
+    assert torch.equal(patched.sampled_token_ids, alone.sampled_token_ids)
+    propose()
+    top = logits.topk(8, dim=-1).indices.numpy()
+    assert (runner.drafter.adjacency[[7, 9]] == top).all()
+    assert (runner.drafter.adjacency[[5, 6]] == vocab).all()  # not scored: still unknown
