@@ -1,12 +1,15 @@
 """An AR model of the same fleet served on CPU with the plugin installed: sampled requests
-(temperature, top-k, top-p) run through vLLM's PyTorch paths instead of Triton kernels that the
-plugin's Triton CPU backend cannot run (`patches/cpu_top_k_top_p.py`, `cpu_gumbel_sample.py`);
-before those patches the first such request killed the engine."""
+(temperature, top-k, top-p) and structured outputs run through PyTorch paths instead of Triton
+kernels and CUDA copies that the plugin's Triton CPU backend cannot run
+(`patches/cpu_top_k_top_p.py`, `cpu_gumbel_sample.py`, `cpu_grammar_bitmask.py`); before those
+patches the first such request killed the engine."""
 
+import json
 from pathlib import Path
 
 import pytest
 from vllm import LLM, SamplingParams
+from vllm.sampling_params import StructuredOutputsParams
 
 pytestmark = pytest.mark.engine
 
@@ -23,7 +26,15 @@ def test_sampled_requests_beside_greedy_ones_on_cpu():
     first = llm.generate(prompts + prompts, sampled + [greedy, greedy], use_tqdm=False)
     again = llm.generate(prompts, sampled, use_tqdm=False)
     alone = llm.generate(prompts, [greedy, greedy], use_tqdm=False)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False}
+    constrained = SamplingParams(max_tokens=24, temperature=0.0,
+                                 structured_outputs=StructuredOutputsParams(json=schema))
+    structured = llm.generate(['Schema: {"a":"int"}\nData: a=5\nJSON:', prompts[0]],
+                              [constrained, greedy], use_tqdm=False)
     del llm
+    assert json.loads(structured[0].outputs[0].text)["a"] == 5
+    assert structured[1].outputs[0].text == alone[0].outputs[0].text
     texts = [o.outputs[0].text for o in first]
     assert all(texts)
     assert [o.outputs[0].text for o in again] == texts[:2]  # seeded: reproducible

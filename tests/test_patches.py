@@ -278,3 +278,34 @@ def test_proposer_step_shows_a_custom_proposer_the_step_it_drafts_for():
     top = logits.topk(8, dim=-1).indices.numpy()
     assert (runner.drafter.adjacency[[7, 9]] == top).all()
     assert (runner.drafter.adjacency[[5, 6]] == vocab).all()  # not scored: still unknown
+
+
+def test_cpu_grammar_bitmask_masks_on_the_host():
+    """Model Runner V2 masks grammar rows through pinned memory and a Triton kernel, which on CPU
+    killed the engine at the first structured request of an AR model; patched, each constrained
+    request's logit rows lose exactly the tokens its bitmask row disallows, other rows none."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from vllm.v1.worker.cpu_model_runner import _torch_cuda_wrapper
+    from vllm.v1.worker.gpu.structured_outputs import StructuredOutputsWorker
+
+    from vllm_blockdiff.grammar import bitmask
+
+    with _torch_cuda_wrapper():  # the CPU runner's stand-ins for CUDA streams, as in the engine
+        worker = StructuredOutputsWorker(8, 70, torch.device("cpu"))
+    batch = SimpleNamespace(req_ids=["a", "b", "c"], cu_num_logits_np=np.array([0, 2, 3, 5]))
+    allowed = {"c": [1, 5, 69], "a": [0, 64]}
+    # One bitmask row per logit row of the constrained requests, in their order.
+    masks = np.stack([bitmask.pack_ids(allowed[r], bitmask.words(70)).numpy() for r in "ccaa"])
+    logits = torch.randn(5, 70, generator=torch.Generator().manual_seed(0))
+    out = logits.clone()
+    worker.apply_grammar_bitmask(out, batch, ["c", "a"], masks)
+    for row, req in ((0, "a"), (1, "a"), (2, None), (3, "c"), (4, "c")):
+        kept = torch.isfinite(out[row]).nonzero().flatten().tolist()
+        assert kept == (allowed[req] if req else list(range(70))), row
+        assert torch.equal(out[row, kept], logits[row, kept])
+    with _torch_cuda_wrapper(), pytest.raises(RuntimeError, match="NVIDIA"):  # vLLM 0.26 alone
+        StructuredOutputsWorker.apply_grammar_bitmask.__wrapped__(worker, logits.clone(), batch,
+                                                                  ["c", "a"], masks)
