@@ -10,6 +10,7 @@ from __future__ import annotations
 from vllm_blockdiff.patches import (
     cpu_grammar_bitmask,
     cpu_gumbel_sample,
+    cpu_seeded_chunks,
     cpu_top_k_top_p,
     diffusion_sampling_params,
     diffusion_structured_outputs,
@@ -21,7 +22,7 @@ from vllm_blockdiff.patches import (
 
 PATCHES = (diffusion_sampling_params, diffusion_structured_outputs, token_ids,
            early_validation, earliest_stop_string, cpu_top_k_top_p, cpu_gumbel_sample,
-           cpu_grammar_bitmask, proposer_step)
+           cpu_grammar_bitmask, cpu_seeded_chunks, proposer_step)
 
 
 def apply_patches() -> None:

@@ -159,10 +159,6 @@ def test_options_come_from_additional_config_and_are_checked():
 
 # --- Through vLLM, on the testbed AR model -------------------------------------------------
 
-# vLLM 0.26's V1 runner on CPU fails on a seeded request whose prompt is cut into chunks
-# ("CPU Generator does not use offset", gpu_model_runner `_bookkeeping_sync`): whole prompts only.
-ENGINE_ARGS_UNCHUNKED = {**ENGINE_ARGS, "max_num_batched_tokens": 2048,
-                         "enable_chunked_prefill": False}
 SHUFFLE = "Line: Jon, Cy, Eli, Ann, Ray, Lea. Do: shuffle. Result:"
 SAMPLES = 320  # seeded requests per engine for the distribution test
 ALPHA = 1e-3  # chance that one proposer's distribution test fails with a correct proposer
@@ -192,13 +188,14 @@ def _requests() -> tuple[list[str], list]:
 
 def _run(speculative_config: dict | None) -> dict:
     """Everything the engine tests compare, from one engine (then shut down). Without
-    speculation it is Model Runner V1 too, the runner speculation runs on (vLLM's default for
-    the model, V2, cannot apply grammar masks on CPU: CUDA-only)."""
+    speculation it is Model Runner V1 too, the runner speculation runs on, so both sides sample
+    alike. The suite's small token budget splits prompts, seeded ones included: on CPU that
+    killed V1 before `patches/cpu_seeded_chunks.py`."""
     from vllm import LLM, SamplingParams
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
-        llm = LLM(str(AR_MODEL), **ENGINE_ARGS_UNCHUNKED, disable_log_stats=False,
+        llm = LLM(str(AR_MODEL), **ENGINE_ARGS, disable_log_stats=False,
                   speculative_config=speculative_config)
     prompts, params = _requests()
     outs = llm.generate(prompts, params, use_tqdm=False)
