@@ -174,6 +174,7 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             llm.generate(prompts, params, use_tqdm=False)
+        breakdown = _breakdown(prof, steps["n"])
         if pyprofile:  # host time by Python function (cProfile inflates call-heavy code)
             _py_profile(llm, prompts, params, Path(pyprofile)
                         / f"pyprofile_{arch}_{config.replace(':', 'x')}_b{batch}.txt")
@@ -183,7 +184,7 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
                      "card": torch.cuda.get_device_name() if cuda else "cpu", "steps": n,
                      "wall_ms_per_step": round(wall * 1e3 / n, 3),
                      "decode_step_median_ms": decode_ms,
-                     **_breakdown(prof, steps["n"])})
+                     **breakdown})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -49,7 +49,10 @@ class _Progress:
     cache_block: int = -1
 
     def cached(self, num_tokens: int) -> tuple[bool, int, int]:
-        """Whether the next step runs only the active sub-block, and its bounds."""
+        """Whether the next step runs only the active sub-block, and its bounds (meaningless
+        where it does not)."""
+        if not self.cache_sub:  # per request and step: skip numpy when there is no cache
+            return False, 0, 0
         b = self.block_length_at(num_tokens)
         start = num_tokens // b * b
         cached, sub_start, sub_end = cached_query(start, num_tokens - start, b, self.cache_sub,

@@ -35,5 +35,9 @@ def switch_position(tokens: Sequence[int], first_position: int, marker: int,
 
 
 def block_length_at(position, coarse, fine, switch_at):
-    """Block length of the block holding `position` (scalars or arrays)."""
+    """Block length of the block holding `position` (scalars or arrays).
+
+    The scheduler asks per request and step: Python ints take no numpy round trip."""
+    if isinstance(position, int) and isinstance(switch_at, int):
+        return fine if position >= switch_at else coarse
     return np.where(np.asarray(position) >= switch_at, fine, coarse)
