@@ -1,16 +1,20 @@
-"""Soak a `vllm serve` of a block-diffusion model with load and faults; print the counts.
+"""Soak a `vllm serve` with load and faults; print the counts.
 
-Starts the server (CPU-friendly flags unless --gpu), runs `vllm_blockdiff.bench.soak` with the
-given request count and clients, prints requests / 2xx / 4xx / 5xx / greedy mismatches / hangs /
-engine deaths, and writes JSON.
+Starts the server (CPU-friendly flags unless --gpu, plus --serve-args and --speculative-config),
+runs `vllm_blockdiff.bench.soak` with the given request count and clients, prints requests / 2xx
+/ 4xx / 5xx / greedy mismatches / hangs / engine deaths, and writes JSON. The AR twin with a
+proposer is the second line:
 
     python benchmarks/soak.py --model examples/models/sdar-testbed --requests 2000 --clients 24
+    python benchmarks/soak.py --model examples/models/qwen3-testbed --speculative-config \\
+        '{"model": "vllm_blockdiff.proposers.aded.ADEDProposer", "num_speculative_tokens": 4}'
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -25,10 +29,15 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--clients", type=int, default=24)
     p.add_argument("--gpu", action="store_true", help="serve with vLLM's defaults")
+    p.add_argument("--serve-args", default="", help="more `vllm serve` flags (one string)")
+    p.add_argument("--speculative-config", default=None, help="passed to `vllm serve` as is")
     p.add_argument("--out", default="benchmarks/results/soak.json")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp, \
-            running_server(a.model, [] if a.gpu else CPU_FLAGS, Path(tmp) / "serve.log") as base:
+            running_server(a.model, ([] if a.gpu else CPU_FLAGS) + shlex.split(a.serve_args)
+                           + (["--speculative-config", a.speculative_config]
+                              if a.speculative_config else []),
+                           Path(tmp) / "serve.log") as base:
         result = soak(base, a.requests, a.clients)
     print(" ".join(f"{k}={result[k]}" for k in ("requests", "2xx", "4xx", "5xx",
                                                  "greedy_mismatches", "hangs", "engine_deaths")))

@@ -15,7 +15,10 @@ Both now lie in [0, `vocabulary_limit`), for every model, AR ones included.
 `seed` and `top_k`, the other request integers the workers store in int64 arrays, are not
 bounded by vLLM either (its OpenAI server bounds `seed`, not `top_k`; offline requests neither):
 2**63 kills the engine ("Python int too large to convert to C long" in the sampling states) and
-2**64 fails to encode. They must fit in int64.
+2**64 fails to encode. They must fit in int64. So must every integer in `vllm_xargs`
+(`extra_args`): the engine client's msgpack encoding fails from 2**64 on, an HTTP 500 (a
+streamed request: HTTP 200, then an error event) for AR models too, which the plugin's
+diffusion options do not cover.
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ def _check_int64(params: SamplingParams) -> None:
                                       parameter=field, value=value)
 
 
+def _check_extra_args(value: Any, field: str) -> None:
+    """Every integer in `vllm_xargs`, nested ones included, fits in int64."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_extra_args(item, f"{field}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_extra_args(item, f"{field}[{i}]")
+    elif isinstance(value, int) and not INT64[0] <= value < INT64[1]:
+        raise VLLMValidationError(f"{field}: {value} does not fit in a 64-bit integer",
+                                  parameter=field, value=value)
+
+
 def apply() -> None:
     validate_input = InputProcessor._validate_model_input
     verify = SamplingParams.verify
@@ -72,6 +88,7 @@ def apply() -> None:
                         structured_outputs_config: Any, tokenizer: Any) -> None:
         verify(self, model_config, speculative_config, structured_outputs_config, tokenizer)
         _check_int64(self)
+        _check_extra_args(self.extra_args or {}, "vllm_xargs")
         if self.stop_token_ids:
             _check("stop_token_ids", self.stop_token_ids,
                    vocabulary_limit(model_config, tokenizer))

@@ -81,7 +81,9 @@ for step in "$@"; do
         && python3 -m vllm_blockdiff.testbed.train --arch sdar --out "$m/sdar-testbed" \
         --init-from "$m/qwen3-testbed" --mix parallel --budget-s ${TRAIN_S:-170} \
         --log-every 500) > "$OUT/train.log" 2>&1
-      echo "train rc=$?"; grep -h "accuracy\|steps:\|training time" "$m"/*/TRAINING.md | head -8 ;;
+      echo "train rc=$?"; grep -h "steps:\|training time" "$m"/*/TRAINING.md
+      # One archive: the device call returns only a few files.
+      tar czf "$OUT/models.tgz" -C "$m" . && rm -rf "$m" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -163,6 +163,18 @@ def test_token_ids_refuses_seed_and_top_k_past_int64(field, value):
     SamplingParams(temperature=1.0, **{field: 2**63 - 1}).verify(model, None, None, None)
 
 
+def test_token_ids_refuses_vllm_xargs_integers_past_int64():
+    """An integer of 2**64 in `vllm_xargs` failed to encode for the engine (HTTP 500, also for an
+    AR model, whose extra arguments the plugin's options do not check)."""
+    model = _input_processor().model_config
+    model.is_diffusion, model.hf_config = False, SimpleNamespace()  # an AR model
+    params = SamplingParams(extra_args={"anything": {"deep": [1, 2**64]}})
+    SamplingParams.verify.__wrapped__(params, model, None, None, None)  # vLLM 0.26 alone
+    with pytest.raises(ValueError, match=r"^vllm_xargs\.anything\.deep\[1\]: 18446744073709551616"):
+        params.verify(model, None, None, None)
+    SamplingParams(extra_args={"n": 2**63 - 1, "s": "x"}).verify(model, None, None, None)
+
+
 def test_early_validation_refuses_when_generate_is_called():
     """vLLM 0.26 validates a request on the first iteration of `AsyncLLM.generate`, which a
     streamed response runs after sending HTTP 200; patched, calling `generate()` raises."""

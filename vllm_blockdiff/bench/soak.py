@@ -1,8 +1,9 @@
 """Load and faults against a running `vllm serve` of a block-diffusion model, with counts.
 
 Clients send, concurrently and for a bounded count, greedy completions (streamed and not, whose
-texts must be byte-identical to a reference taken alone), sampled requests, streams cancelled
-after the first chunk, and bad requests of every kind the plugin refuses. Afterwards `/health`
+texts must be byte-identical to a reference taken alone), sampled requests, `json_schema`
+outputs (which must hold their schema), streams cancelled after the first chunk, and bad requests
+of every kind the plugin refuses. Afterwards `/health`
 must answer. Used by `tests/test_server.py` (short) and `benchmarks/soak.py` (long).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import random
 import socket
@@ -29,6 +31,8 @@ GREEDY = dict(prompt="Q: 12+7=", max_tokens=24, temperature=0,
                                                            "block_length": 8}})
 BAD_XARGS = [{"policy": "static", "steps": 2**63}, {"policy": "nonsense"}, {"threshold": 2.0},
              {"_blockdiff_grammar": "{}"}, {"policy": "tccf", "marker": 2**64}]
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}},
+          "required": ["a", "b"], "additionalProperties": False}
 # Each bad request: its extra arguments (plugin options, then vLLM sampling fields).
 BAD = [{"extra_body": {"vllm_xargs": x}} for x in BAD_XARGS] + [
     {"seed": 2**63}, {"seed": 2**64}, {"extra_body": {"top_k": 2**63}}]
@@ -77,6 +81,14 @@ def _one(client: openai.OpenAI, model: str, kind: str, reference: str, rng: rand
                                       temperature=1.0, seed=rng.randrange(1000),
                                       extra_body={"vllm_xargs": {"block_length": 4}})
             return "2xx"
+        elif kind == "structured":  # a json_schema output must parse and hold its schema
+            out = client.completions.create(
+                model=model, prompt="JSON:", max_tokens=48, temperature=rng.choice([0, 1.0]),
+                seed=rng.randrange(1000), extra_body={"structured_outputs": {"json": SCHEMA}})
+            value = json.loads(out.choices[0].text) if out.choices[0].finish_reason == "stop" \
+                else {"a": 0, "b": True}  # cut by max_tokens: nothing to check
+            return "2xx" if set(value) == {"a", "b"} and isinstance(value["b"], bool) \
+                else "mismatch"
         elif kind == "cancel":
             stream = client.completions.create(model=model, prompt="def f(", max_tokens=64,
                                                stream=True, extra_body={"ignore_eos": True})
@@ -102,7 +114,7 @@ def soak(base: str, requests: int, clients: int, seed: int = 0,
     model = client.models.list().data[0].id
     reference = client.completions.create(model=model, **GREEDY).choices[0].text
     rng = random.Random(seed)
-    kinds = [rng.choice(["greedy", "greedy_stream", "sampled", "cancel", "bad"])
+    kinds = [rng.choice(["greedy", "greedy_stream", "sampled", "structured", "cancel", "bad"])
              for _ in range(requests)]
     started = time.time()
     counts: Counter = Counter()
