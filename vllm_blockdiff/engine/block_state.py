@@ -107,7 +107,7 @@ class BlockStates:
         self.switch_at_np[slot] = NEVER
         self.observe(slot, prompt_len, emitted)
         self.verifies_drafts_np[slot] = policy.verifies_drafts
-        self.reset_blocks(torch.tensor([slot], device=self.canvas.device))
+        self.reset_blocks(slot)  # an int index: no per-request host-to-device copy
 
     def grammar_ready(self, slot: int) -> bool:
         """False while the request's grammar compiles: it waits (is not denoised) meanwhile.
@@ -144,7 +144,7 @@ class BlockStates:
                                           self.cache_block_np[slots] == start)
         return cached & (drafts > 0), sub_end, start + b
 
-    def reset_blocks(self, slots: torch.Tensor) -> None:
+    def reset_blocks(self, slots: torch.Tensor | int) -> None:
         """Start a fresh, fully masked block for these slots."""
         self.canvas[slots] = self.mask_token_id
         self.committed[slots] = False
