@@ -15,6 +15,7 @@
 #     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
 #     cache     benchmarks/subblock_cache.py: the sub-block cache on and off, same shape, batch 1-64
 #     train     the testbed pair retrained on old + ParallelBench-style families (TRAIN_S each)
+#     train_fast_dllm  a Qwen2-layout AR twin and a Fast-dLLM v2 model adapted from it (TRAIN_S)
 #
 # SRC_TGZ (optional, `git archive HEAD | gzip`): run that commit instead of the working tree.
 set -uo pipefail
@@ -84,6 +85,19 @@ for step in "$@"; do
       echo "train rc=$?"; grep -h "steps:\|training time" "$m"/*/TRAINING.md
       # One archive: the device call returns only a few files.
       tar czf "$OUT/models.tgz" -C "$m" . && rm -rf "$m" ;;
+    train_fast_dllm)
+      # Fast-dLLM v2 on the testbed (issue 11): the Qwen2-layout AR twin, then the shifted
+      # block-diffusion adaptation from it (B 8/16/32; config bd_size 32); TRAIN_S each.
+      m=$OUT/models; mkdir -p "$m"
+      (cd / && python3 -m vllm_blockdiff.testbed.train --arch qwen2 --out "$m/qwen2-testbed" \
+        --tokenizer "$src/examples/models/qwen3-testbed/tokenizer.json" \
+        --budget-s ${TRAIN_S:-170} --log-every 500 \
+        && python3 -m vllm_blockdiff.testbed.train --arch fast_dllm \
+        --out "$m/fast-dllm-testbed" --init-from "$m/qwen2-testbed" --block-sizes 8,16,32 \
+        --eval-block-size 32 --budget-s ${TRAIN_S:-170} --log-every 500) \
+        > "$OUT/train_fast_dllm.log" 2>&1
+      echo "train_fast_dllm rc=$?"; grep -h "steps:\|training time" "$m"/*/TRAINING.md
+      tar czf "$OUT/fast_dllm_models.tgz" -C "$m" . && rm -rf "$m" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

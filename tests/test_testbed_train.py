@@ -97,8 +97,9 @@ def test_noise_masks_only_the_answer_region():
         assert torch.equal(t.view(2, 4, 4), t.view(2, 4, 4)[..., :1].expand(-1, -1, 4))
 
 
-def _naive_sdar(model, prompt, b, max_new):
-    """Full recompute each forward (no cache): block-causal clean prefix + the masked block."""
+def _naive_sdar(model, prompt, b, max_new, shifted=False):
+    """Full recompute each forward (no cache): block-causal clean prefix + the masked block;
+    `shifted`: position j proposed from position j - 1 (Fast-dLLM v2)."""
     seq = list(prompt)
     start = len(seq) // b * b
     while len(seq) - len(prompt) < max_new and EOS_ID not in seq[len(prompt):]:
@@ -106,7 +107,10 @@ def _naive_sdar(model, prompt, b, max_new):
         while MASK_ID in block:
             ids = torch.tensor([seq[:start] + block])
             pos = torch.arange(start + b)
-            logits = model(ids, pos[None], block_causal_mask(pos, start + b, b)[None])[0][0, start:]
+            out = model(ids, pos[None], block_causal_mask(pos, start + b, b)[None])[0][0]
+            logits = out[start - 1 : start + b - 1] if shifted and start else out[start:]
+            if shifted and not start:  # position 0 is a prompt token: its proposal is unused
+                logits = torch.cat([torch.zeros_like(out[:1]), out[: b - 1]])
             logits[:, MASK_ID] = float("-inf")
             conf, tok = logits.softmax(-1).max(-1)
             masked = torch.tensor([t == MASK_ID for t in block])
@@ -133,12 +137,13 @@ def _naive_ar(model, prompt, max_new):
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [20], [30, 31, 32, 33, 34, 35]]
 
 
+@pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("b", [1, 4, 8])
-def test_sdar_greedy_matches_naive_decoding_and_batching(peaky, b):
-    batched = sdar_greedy(peaky, PROMPTS, b, MASK_ID, EOS_ID, 12)
+def test_sdar_greedy_matches_naive_decoding_and_batching(peaky, b, shifted):
+    batched = sdar_greedy(peaky, PROMPTS, b, MASK_ID, EOS_ID, 12, shifted)
     for prompt, got in zip(PROMPTS, batched, strict=True):
-        assert got == _naive_sdar(peaky, prompt, b, 12)
-        assert got == sdar_greedy(peaky, [prompt], b, MASK_ID, EOS_ID, 12)[0]
+        assert got == _naive_sdar(peaky, prompt, b, 12, shifted)
+        assert got == sdar_greedy(peaky, [prompt], b, MASK_ID, EOS_ID, 12, shifted)[0]
 
 
 def test_ar_greedy_matches_naive_decoding_and_batching(peaky):
@@ -159,7 +164,7 @@ def test_tokenizer_keeps_digits_single_and_examples_short():
         assert len(kept) >= 190, task  # most in-distribution examples fit 96 tokens
 
 
-@pytest.mark.parametrize("arch", ["sdar", "qwen3"])
+@pytest.mark.parametrize("arch", ["sdar", "qwen3", "fast_dllm", "qwen2"])
 def test_loss_decreases_on_a_tiny_overfit_set(arch):
     cfg = TrainConfig(arch=arch, out="", **{**SMOKE, "steps": 30, "warmup": 3, "lr": 3e-3,
                                             "log_every": 30})
@@ -181,6 +186,26 @@ def test_sdar_loss_weightings_agree_when_everything_is_masked(peaky):
     torch.testing.assert_close(a, b)
 
 
+def test_fast_dllm_loss_predicts_each_token_from_the_position_before(peaky):
+    """Fast-dLLM v2's shifted loss, checked against plain forwards: with every answer token
+    masked (eps = 1), a block's first token is predicted from the clean position before it (the
+    AR step) and every other one from the masked block's previous position, seeing the clean
+    blocks before; the complementary copy then masks nothing."""
+    import torch.nn.functional as F
+
+    ids = torch.randint(4, TINY.vocab_size, (2, 8))
+    plen, length = torch.tensor([4, 5]), torch.tensor([8, 8])
+    loss = sdar_loss(peaky, ids, plen, length, 4, MASK_ID, 4, 1.0, "mean",
+                     torch.Generator().manual_seed(0), shifted=True)
+    pos = torch.arange(8)
+    region = (pos[None] >= plen[:, None]) & (pos[None] < length[:, None])
+    inputs = ids.masked_fill(region, MASK_ID)  # block 0 clean, block 1 masked past the prompt
+    logits, _ = peaky(inputs, pos[None].expand(2, -1), block_causal_mask(pos, 8, 4)[None])
+    rows, cols = region.nonzero(as_tuple=True)
+    expected = F.cross_entropy(logits[rows, cols - 1].float(), ids[rows, cols])
+    torch.testing.assert_close(loss, expected)
+
+
 def test_smoke_flags_override():
     cfg = parse_config(["--arch", "sdar", "--out", "x", "--smoke", "--steps", "7",
                         "--block-sizes", "4,8"])
@@ -198,6 +223,9 @@ def smoke_runs(tmp_path_factory) -> dict[str, Path]:
                                "--seed", "1"])
     runs["sdar-from-ar"] = main(["--arch", "sdar", "--out", str(root / "adapted"), "--smoke",
                                  "--init-from", str(runs["qwen3"])])
+    runs["qwen2"] = main(["--arch", "qwen2", "--out", str(root / "qwen2"), "--smoke"])
+    runs["fast_dllm"] = main(["--arch", "fast_dllm", "--out", str(root / "fast_dllm"), "--smoke",
+                              "--init-from", str(runs["qwen2"]), "--eval-block-size", "8"])
     return runs
 
 
@@ -243,6 +271,22 @@ def test_sdar_can_start_from_the_ar_twin(smoke_runs):
     after = CausalLM.from_pretrained(adapted).state_dict()
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fast_dllm_adapts_its_qwen2_twin(smoke_runs):
+    """Fast-dLLM v2's recipe on the testbed: the AR twin in Qwen2's layout (q/k/v biases, no q/k
+    norms, tied embeddings), adapted with the shifted loss; the checkpoint has the published
+    config keys (block length in `bd_size`)."""
+    twin, out = smoke_runs["qwen2"], smoke_runs["fast_dllm"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Fast_dLLM_QwenForCausalLM"] and config["bd_size"] == 8
+    assert json.loads((twin / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    args = CausalLM.from_pretrained(out).args
+    assert args.attention_bias and not args.qk_norm and args.tie_word_embeddings
+    record = json.loads((out / "training.json").read_text())
+    assert "shifted" in record["loss"] and record["decoder"].startswith("shifted SDAR greedy")
+    assert record["init_from"]["command"].startswith("python -m vllm_blockdiff.testbed.train "
+                                                     "--arch qwen2")
 
 
 def test_budget_mode_picks_steps_that_reproduce_exactly():

@@ -69,8 +69,13 @@ def sdar_greedy(
     mask_id: int,
     eos_id: int,
     max_new_tokens: int,
+    shifted: bool = False,
 ) -> list[list[int]]:
-    """Generated ids per prompt (EOS and what follows removed), one committed token per forward."""
+    """Generated ids per prompt (EOS and what follows removed), one committed token per forward.
+
+    `shifted` (Fast-dLLM v2): position j is proposed from position j - 1's logits, a block's first
+    position from the last position of the previous forward over clean tokens (prefill or
+    commit)."""
     device = model.lm_head.weight.device
     n, b = len(prompts), block_size
     plen = torch.tensor([len(p) for p in prompts], device=device)
@@ -83,8 +88,11 @@ def sdar_greedy(
         pos = torch.arange(width, device=device).expand(n, -1)
         valid = pos < full[:, None]
         within = block_causal_mask(pos[0], width, b)[None] & valid[:, None, :]
-        cache.forward(model, tokens, pos, within)
+        logits = cache.forward(model, tokens, pos, within)
         cache.commit(valid)
+        last = logits[torch.arange(n, device=device), (full - 1).clamp(min=0)]
+    else:  # no row has a full prompt block: each first block starts with prompt tokens
+        last = torch.zeros(n, model.lm_head.weight.shape[0], device=device)
     prompt_pad = _pad(prompts, int(plen.max()), eos_id, device)
     out: list[list[int]] = [[] for _ in range(n)]
     start = full.clone()
@@ -97,13 +105,15 @@ def sdar_greedy(
         masked = ~from_prompt
         while masked.any():
             logits = cache.forward(model, block, pos, all_in_block).float()
+            if shifted:
+                logits = torch.cat([last[:, None].float(), logits[:, :-1]], dim=1)
             logits[..., mask_id] = float("-inf")
             conf, tok = logits.softmax(-1).max(-1)
             pick = conf.masked_fill(~masked, -1.0).argmax(-1, keepdim=True)
             rows = masked.any(-1, keepdim=True)
             block = torch.where(rows, block.scatter(1, pick, tok.gather(1, pick)), block)
             masked = masked & ~(rows & torch.zeros_like(masked).scatter(1, pick, True))
-        cache.forward(model, block, pos, all_in_block)
+        last = cache.forward(model, block, pos, all_in_block)[:, -1]
         cache.commit(torch.ones_like(masked))
         for i, (row, keep) in enumerate(zip(block.tolist(), (~from_prompt).tolist(), strict=True)):
             out[i].extend(t for t, k in zip(row, keep, strict=True) if k)

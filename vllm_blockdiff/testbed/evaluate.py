@@ -1,7 +1,8 @@
 """Greedy accuracy of a trained `CausalLM` on the testbed tasks, with no vLLM involved.
 
-SDAR checkpoints decode with `sdar_greedy` (one committed token per forward), AR twins with
-`ar_greedy`; completions are scored by the task's exact scorer.
+SDAR checkpoints decode with `sdar_greedy` (one committed token per forward; Fast-dLLM v2 ones
+with its shifted logits), AR twins with `ar_greedy`; completions are scored by the task's exact
+scorer.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def complete(
         prompts = [encode_prompt(tok, e.prompt) for e in chunk]
         max_new = max(len(tok.encode(e.target, add_special_tokens=False).ids) for e in chunk)
         max_new += 1 + margin
-        if arch == "sdar":
-            gen = sdar_greedy(model, prompts, block_size, ids.mask, ids.eos, max_new)
+        if arch in ("sdar", "fast_dllm"):
+            gen = sdar_greedy(model, prompts, block_size, ids.mask, ids.eos, max_new,
+                              shifted=arch == "fast_dllm")
         else:
             gen = ar_greedy(model, prompts, ids.eos, max_new)
         outputs.extend(tok.decode(g, skip_special_tokens=False) for g in gen)

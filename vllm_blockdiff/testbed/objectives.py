@@ -1,4 +1,4 @@
-"""Training losses: SDAR block diffusion over [x_t ; x_0], and the plain causal LM loss of the twin.
+"""Training losses: SDAR and Fast-dLLM v2 block diffusion over [x_t ; x_0], and the twin's LM loss.
 
 Block diffusion (SDAR / BD3-LM): the model reads the noisy copy x_t and the clean copy x_0 of the
 same sequence side by side, both at positions 0..L-1, under one mask (`block_diffusion_mask`):
@@ -15,6 +15,12 @@ probability t; prompt tokens are never masked. The loss is cross-entropy at mask
 with no logit shift, weighted by 1/t and divided by the number of loss-eligible tokens (the
 MDLM / LLaDA estimate of the per-token ELBO), or with `weighting="mean"` the plain mean over
 masked tokens.
+
+Fast-dLLM v2 keeps that layout and mask but shifts the logits as its AR parent does: the token
+at position j is predicted from position j - 1, which for a block's first position is the clean
+copy's last token of the previous block (the AR step the decoder takes there). Each row also
+trains on the complementary mask (every answer token masked in exactly one of the two copies,
+the second copy's ratio 1 - t), so no token goes unseen in a step.
 """
 
 from __future__ import annotations
@@ -34,6 +40,16 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     n, seq_len, vocab = logits.shape
     ce = F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), reduction="none")
     return ce.view(n, seq_len)
+
+
+def _weighted(ce: torch.Tensor, masked: torch.Tensor, t: torch.Tensor, eligible: torch.Tensor,
+              weighting: str) -> torch.Tensor:
+    """Cross-entropy at masked positions, weighted by 1/t over the `eligible` count, or the mean."""
+    if weighting == "inv_t":
+        return (ce * masked / t).sum() / eligible.clamp(min=1)
+    if weighting == "mean":
+        return (ce * masked).sum() / masked.sum().clamp(min=1)
+    raise ValueError(f"unknown loss weighting {weighting!r}")
 
 
 def block_diffusion_mask(
@@ -90,22 +106,31 @@ def sdar_loss(
     eps: float = 1e-3,
     weighting: str = "inv_t",
     generator: torch.Generator | None = None,
+    shifted: bool = False,
 ) -> torch.Tensor:
-    """Block-diffusion loss of a right-padded batch `ids` [N, L] (see the module docstring)."""
+    """Block-diffusion loss of a right-padded batch `ids` [N, L] (see the module docstring);
+    `shifted`: Fast-dLLM v2's, with shifted logits and complementary masks."""
     n, seq_len = ids.shape
     end = torch.clamp(-(-length // pad_align) * pad_align, max=seq_len)
     region = answer_region(prompt_len, end, seq_len, ids.device)
     x_t, masked, t = noise(ids, region, block_size, mask_id, eps, generator)
+    clean, eligible = ids, region.sum()
+    if shifted:  # the complementary copy: every answer token masked in exactly one of the two
+        other = region & ~masked
+        x_t = torch.cat([x_t, ids.masked_fill(other, mask_id)])
+        masked, t = torch.cat([masked, other]), torch.cat([t, (1 - t).clamp(min=eps)])
+        clean, eligible = torch.cat([ids, ids]), 2 * eligible
     pos = torch.arange(seq_len, device=ids.device)
-    positions = torch.cat([pos, pos])[None]
     mask = block_diffusion_mask(seq_len, block_size, ids.device)[None]
-    logits, _ = model(torch.cat([x_t, ids], dim=1), positions, mask)
-    ce = token_ce(logits[:, :seq_len], ids)
-    if weighting == "inv_t":
-        return (ce * masked / t).sum() / region.sum().clamp(min=1)
-    if weighting == "mean":
-        return (ce * masked).sum() / masked.sum().clamp(min=1)
-    raise ValueError(f"unknown loss weighting {weighting!r}")
+    logits, _ = model(torch.cat([x_t, clean], dim=1), torch.cat([pos, pos])[None], mask)
+    if not shifted:
+        return _weighted(token_ce(logits[:, :seq_len], ids), masked, t, eligible, weighting)
+    # Position j's logits come from j - 1: the noisy copy inside a block, the clean copy across
+    # a block boundary.
+    noisy, from_clean = logits[:, : seq_len - 1], logits[:, seq_len : 2 * seq_len - 1]
+    starts = (pos[1:] % block_size == 0)[None, :, None]
+    ce = token_ce(torch.where(starts, from_clean, noisy), clean[:, 1:])
+    return _weighted(ce, masked[:, 1:], t[:, 1:], eligible, weighting)
 
 
 def ar_loss(

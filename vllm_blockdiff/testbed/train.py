@@ -1,18 +1,24 @@
-"""Train a tiny SDAR block-diffusion model or its autoregressive Qwen3 twin on the testbed tasks.
+"""Train a tiny SDAR block-diffusion model or its autoregressive Qwen3 twin on the testbed tasks
+(or, in Qwen2's layout, a Fast-dLLM v2 model and its AR twin).
 
     python -m vllm_blockdiff.testbed.train --arch qwen3 --out out/qwen3-testbed --budget-s 240
     python -m vllm_blockdiff.testbed.train --arch sdar --out out/sdar-testbed --budget-s 270
     python -m vllm_blockdiff.testbed.train --arch sdar --out /tmp/smoke --smoke   # CPU, seconds
     python -m vllm_blockdiff.testbed.train --arch qwen3 --out out/qwen3 --mix parallel  # + issue 13
+    python -m vllm_blockdiff.testbed.train --arch qwen2 --out out/qwen2-testbed \
+        --tokenizer examples/models/qwen3-testbed/tokenizer.json --budget-s 170
+    python -m vllm_blockdiff.testbed.train --arch fast_dllm --out out/fast-dllm-testbed \
+        --init-from out/qwen2-testbed --block-sizes 8,16,32 --eval-block-size 32 --budget-s 170
 
 Both archs share the network, tokenizer (trained here, byte-level BPE; identical for equal --seed,
 --vocab-size and --tokenizer-examples) and data; only the loss differs: SDAR block diffusion with
 a block size drawn per batch from --block-sizes (so the block size can vary at inference), or the
-plain causal LM loss. `--init-from DIR` starts from a trained checkpoint instead (SDAR's own
-recipe: adapt the AR twin). `--budget-s` sizes the run to a time budget and records the step count
-that reproduces it. The checkpoint is written in the HF layout the plugin serves, in bfloat16, with
-TRAINING.md and training.json recording the command, seed, configuration and final metrics
-(greedy accuracy from `testbed.evaluate`).
+plain causal LM loss; Fast-dLLM v2's is SDAR's with logits shifted by one and complementary
+masks (`testbed/objectives.py`). `--init-from DIR` starts from a trained checkpoint instead (the
+recipe of both: adapt the AR twin). `--budget-s` sizes the run to a time budget and records
+the step count that reproduces it. The checkpoint is written in the HF layout the plugin serves,
+in bfloat16, with TRAINING.md and training.json recording the command, seed, configuration and
+final metrics (greedy accuracy from `testbed.evaluate`).
 
 Runs are bitwise deterministic given --seed on CPU. On CUDA the data, initialisation, masks and
 block sizes are seeded identically, but kernels are not forced into deterministic modes.
@@ -132,8 +138,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Archs with Qwen2's layers (Fast-dLLM v2 is Qwen2.5): q/k/v biases, no q/k norms, tied embeddings.
+QWEN2_ARCHS = ("qwen2", "fast_dllm")
+DIFFUSION_ARCHS = ("sdar", "fast_dllm")
+ARCHS = ("qwen3", "sdar", "qwen2", "fast_dllm")
+
+
 def model_args(cfg: TrainConfig, vocab_size: int) -> ModelArgs:
+    qwen2 = cfg.arch in QWEN2_ARCHS
     return ModelArgs(
+        attention_bias=qwen2,
+        qk_norm=not qwen2,
+        tie_word_embeddings=qwen2,
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -222,10 +238,11 @@ def fit(
             t_probe = time.monotonic()
         rows = torch.randint(ids.shape[0], (cfg.batch_size,), device=device, generator=gen)
         with autocast:
-            if cfg.arch == "sdar":
+            if cfg.arch in DIFFUSION_ARCHS:
                 block = pick_block.choice(cfg.block_sizes)
                 loss = sdar_loss(forward, ids[rows], plen[rows], length[rows], block, special.mask,
-                                 pad_align, cfg.mask_eps, cfg.loss_weighting, gen)
+                                 pad_align, cfg.mask_eps, cfg.loss_weighting, gen,
+                                 shifted=cfg.arch == "fast_dllm")
             else:
                 loss = ar_loss(forward, ids[rows], plen[rows], length[rows])
         loss.backward()
@@ -322,8 +339,8 @@ def eval_tasks(mix: dict[str, float]) -> tuple[str, ...]:
 
 def run(cfg: TrainConfig, command: str, log: Callable[[str], None] = print) -> Path:
     """Tokenizer, data, training, evaluation and checkpoint: the whole pipeline for one model."""
-    if cfg.arch not in ("sdar", "qwen3"):
-        raise ValueError(f"--arch must be sdar or qwen3, not {cfg.arch!r}")
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"--arch must be one of {ARCHS}, not {cfg.arch!r}")
     device = resolve_device(cfg.device)
     torch.set_float32_matmul_precision("high")
     t_start = time.monotonic()
@@ -360,7 +377,8 @@ def run(cfg: TrainConfig, command: str, log: Callable[[str], None] = print) -> P
 
     out = write_checkpoint(
         cfg.out, saved.cpu(), tok, cfg.arch,
-        block_size=cfg.eval_block_size if cfg.arch == "sdar" else None, torch_dtype="bfloat16",
+        block_size=cfg.eval_block_size if cfg.arch in DIFFUSION_ARCHS else None,
+        torch_dtype="bfloat16",
     )
     window = min(cfg.log_every, len(stats.losses))
     config = json.loads((out / "config.json").read_text())
@@ -374,11 +392,13 @@ def run(cfg: TrainConfig, command: str, log: Callable[[str], None] = print) -> P
         "loss": (
             f"block diffusion over [x_t; x_0], block size per batch from {cfg.block_sizes}, "
             f"t ~ U({cfg.mask_eps}, 1) per block, weighting {cfg.loss_weighting}"
-            if cfg.arch == "sdar" else "causal LM cross-entropy on answer tokens"
+            + (", logits shifted by one, complementary masks" if cfg.arch == "fast_dllm" else "")
+            if cfg.arch in DIFFUSION_ARCHS else "causal LM cross-entropy on answer tokens"
         ),
         "decoder": (
-            f"SDAR greedy, block size {cfg.eval_block_size}, one token per forward"
-            if cfg.arch == "sdar" else "AR greedy"
+            f"{'shifted ' * (cfg.arch == 'fast_dllm')}SDAR greedy, block size "
+            f"{cfg.eval_block_size}, one token per forward"
+            if cfg.arch in DIFFUSION_ARCHS else "AR greedy"
         ),
         "metrics": {
             "final_train_loss": sum(stats.losses[-window:]) / window,
@@ -437,7 +457,7 @@ def parse_config(argv: Sequence[str]) -> TrainConfig:
                                      "Latin-square ones); the tokenizer always sees the default "
                                      "mixture")
         elif name == "arch":
-            parser.add_argument(flag, choices=["sdar", "qwen3"], required=True)
+            parser.add_argument(flag, choices=ARCHS, required=True)
         elif name == "out":
             parser.add_argument(flag, required=True)
         else:
