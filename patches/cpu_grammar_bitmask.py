@@ -36,11 +36,10 @@ def apply() -> None:
         # One bitmask row per logit row of the constrained requests, in their order (as vLLM's).
         index = {req_id: i for i, req_id in enumerate(input_batch.req_ids)}
         cu = input_batch.cu_num_logits_np
-        rows = np.concatenate([np.arange(cu[index[r]], cu[index[r] + 1])
-                               for r in grammar_req_ids])
-        masks = torch.from_numpy(grammar_bitmask[:len(rows)])
-        target = logits[torch.from_numpy(rows)]
-        bits.apply(target, masks)
-        logits[torch.from_numpy(rows)] = target
+        rows = torch.from_numpy(np.concatenate([np.arange(cu[index[r]], cu[index[r] + 1])
+                                                for r in grammar_req_ids]))
+        target = logits[rows]
+        bits.apply(target, torch.from_numpy(grammar_bitmask[:len(rows)]))
+        logits[rows] = target
 
     StructuredOutputsWorker.apply_grammar_bitmask = apply_grammar_bitmask

@@ -50,7 +50,7 @@ def cached_sub_block(options) -> int:
 
 
 def cached_query(block_start, offset, block_length, sub, cache_valid):
-    """Where a forward starts and ends when it runs only the active sub-block, or None.
+    """Whether a forward runs only the active sub-block, and where that sub-block starts and ends.
 
     Scalars or arrays: `offset` is the block's first open position, `sub` the cached sub-block
     length (0: no cache), `cache_valid` whether the block's KV comes from a refresh. Returns

@@ -12,6 +12,7 @@ Per step, in Python: one pass over the batch rows; each proposer's `draft` does 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import msgspec
@@ -20,7 +21,7 @@ import numpy as np
 OPTIONS_KEY = "proposer"
 
 
-class Proposer:
+class Proposer(ABC):
     """A training-free drafter for an AR model, selected with `method: "custom_class"`."""
 
     Options: ClassVar[type[msgspec.Struct]]
@@ -42,7 +43,7 @@ class Proposer:
         whose rows `propose` gets, for request ids and prompt lengths."""
         self.input_batch = runner.input_batch
 
-    def load_model(self, *args: Any, **kwargs: Any) -> None:
+    def load_model(self, *args: Any, **kwargs: Any) -> None:  # noqa: B027 (vLLM calls it)
         """Nothing to load: the drafts come from tables, not from a model."""
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
@@ -64,8 +65,8 @@ class Proposer:
             drafts[i] = draft
         return drafts
 
+    @abstractmethod
     def draft(self, rows: np.ndarray, lengths: np.ndarray, budgets: np.ndarray,
               new_tokens: list[list[int]], history: np.ndarray) -> list[list[int]]:
         """Drafts for `rows` of `history`, whose tokens end at `lengths`; the last
         `len(new_tokens[j])` of row j were verified in the step that just ran."""
-        raise NotImplementedError
