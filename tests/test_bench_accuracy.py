@@ -12,6 +12,8 @@ def test_policy_specs():
     assert parse_policy("dynamic:0.7:steps=2") == {"policy": "dynamic", "threshold": 0.7,
                                                    "steps": 2}
     assert parse_policy("bacd") == {"policy": "bacd"}
+    assert parse_policy("subblock:sub_block_length=4:use_block_cache=false") == {
+        "policy": "subblock", "sub_block_length": 4, "use_block_cache": False}
     with pytest.raises(SystemExit):
         parse_policy("nope")
 

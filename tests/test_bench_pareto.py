@@ -83,6 +83,6 @@ def test_report_writes_json_and_one_plot_per_family(tmp_path, capsys):
     assert record["families"]["u"]["pick"] is None
     assert (tmp_path / "cmp_t.png").stat().st_size > 0 and (tmp_path / "cmp_u.png").is_file()
     out = capsys.readouterr().out
-    assert "| `oracle` | 4 | 1.00 | 4.00 | 2.5 | - |  |" in out
+    assert "| `oracle` | 4 | 1.00 | 4.00 | 2.5 |  |" in out
     assert "| t | `x` B=4 | speed | 0.90 / 3.00 | 0.90 / 2.00 (B=4) | 1.50x | +0.0 points | " \
            "1.00 / 4.00 |" in out

@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 
 from vllm_blockdiff.policies import POLICIES
+from vllm_blockdiff.testbed.data import encode_prompt
 from vllm_blockdiff.testbed.tasks import TASKS, Example, generate, score
 
 DEFAULT_TASKS = ("arithmetic", "lists", "json", "code")
@@ -41,7 +42,8 @@ class Row(msgspec.Struct):
 def parse_policy(spec: str) -> dict:
     """`name`, `name:value` (the policy's first parameter) or `name:key=value:key=value`.
 
-    A token parameter (`marker`, `delimiter`) may be given as the token's text, e.g. `marker=|`.
+    A token parameter (`marker`, `delimiter`) may be given as the token's text, e.g. `marker=|`;
+    a flag as `true`/`false`, e.g. `subblock:sub_block_length=8:use_block_cache=false`.
     """
     name, *parts = spec.split(":")
     if name not in POLICIES:
@@ -50,6 +52,9 @@ def parse_policy(spec: str) -> dict:
     args: dict = {"policy": name}
     for i, part in enumerate(parts):
         key, value = part.split("=", 1) if "=" in part else (fields[i], part)
+        if value in ("true", "false"):
+            args[key] = value == "true"
+            continue
         try:
             args[key] = float(value) if "." in value else int(value)
         except ValueError:
@@ -77,24 +82,32 @@ class Outcome(msgspec.Struct):
     forwards: int
 
 
-def run_task(llm, task: str, examples: list[Example],
-             extra: dict | None) -> tuple[list[Outcome], float]:
-    """One task's examples through the engine: each request's outcome, and the wall time.
+def run_tasks(llm, examples: dict[str, list[Example]],
+              extra: dict | None) -> tuple[dict[str, list[Outcome]], float]:
+    """Every task's examples through the engine in one batch: outcomes per task, and wall time.
 
     `extra` is the request's policy arguments, or None for an autoregressive model (one forward
-    per output token).
+    per output token). Prompts are encoded and outputs decoded with the checkpoint's own
+    `tokenizer.json`, as in training: transformers 5 swaps in Qwen2's tokenizer for any
+    `model_type: qwen2` checkpoint, which would re-split the Qwen2-layout twin's prompts.
     """
+    from tokenizers import Tokenizer
     from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
+    tok = Tokenizer.from_file(str(Path(llm.llm_engine.model_config.tokenizer) / "tokenizer.json"))
     params = SamplingParams(temperature=0.0, max_tokens=96, extra_args=extra)
+    flat = [(task, e) for task, exs in examples.items() for e in exs]
+    prompts = [TokensPrompt(prompt_token_ids=encode_prompt(tok, e.prompt)) for _, e in flat]
     t = time.perf_counter()
-    outs = llm.generate([e.prompt for e in examples], params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t
-    outcomes = []
-    for e, o in zip(examples, outs, strict=True):
-        tokens = len(o.outputs[0].token_ids)
-        forwards = tokens if extra is None else o.kv_transfer_params["blockdiff"]["forwards"]
-        outcomes.append(Outcome(score(task, e, o.outputs[0].text), tokens, forwards))
+    outcomes: dict[str, list[Outcome]] = {task: [] for task in examples}
+    for (task, e), o in zip(flat, outs, strict=True):
+        ids = o.outputs[0].token_ids
+        forwards = len(ids) if extra is None else o.kv_transfer_params["blockdiff"]["forwards"]
+        text = tok.decode(ids, skip_special_tokens=True)
+        outcomes[task].append(Outcome(score(task, e, text), len(ids), forwards))
     return outcomes, seconds
 
 
@@ -111,9 +124,12 @@ def summarize(outcomes: list[Outcome], seconds: float | None, model: str, task: 
 
 def run_config(llm, examples: dict[str, list[Example]], extra: dict | None, label: str,
                block_length: int, model: str) -> list[Row]:
-    """Every task's examples under one configuration: a row per task."""
-    return [summarize(*run_task(llm, task, exs, extra), model, task, label, block_length)
-            for task, exs in examples.items()]
+    """Every task's examples under one configuration: a row per task, each timed on its own."""
+    rows = []
+    for task, exs in examples.items():
+        outcomes, seconds = run_tasks(llm, {task: exs}, extra)
+        rows.append(summarize(outcomes[task], seconds, model, task, label, block_length))
+    return rows
 
 
 def engine(path: str, diffusion: bool = False):

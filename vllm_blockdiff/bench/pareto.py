@@ -1,13 +1,14 @@
 """Which unmasking policy to pick, per testbed family: accuracy against tokens per forward.
 
-Every policy (by default the thirteen seed policies) at each block length on every family runs
-through `accuracy.run_task`. Per family this gives a Pareto table and plot with two yardsticks:
-the AR twin (one token per forward) as the baseline, and ParallelBench's oracle per-sample
-threshold as the upper bound. The oracle takes, for each example, the run of a threshold sweep
-that decodes it correctly in the fewest forwards (an example no threshold gets right counts as
-wrong, at the sweep's fewest forwards): the best accuracy any per-example threshold reaches, at
-the least cost that reaches it. `pick` turns a family's rows into a recommendation by a fixed
-rule, so the README's advice can be read off the table.
+Every policy (by default the thirteen seed policies) at each block length runs on all families in
+one batch (`accuracy.run_tasks`; greedy tokens do not depend on the batch, and the shared batch is
+what makes the full sweep fit a CPU), so rows have no per-family wall time. Per family this gives a
+Pareto table and plot with two yardsticks: the AR twin (one token per forward) as the baseline, and
+ParallelBench's oracle per-sample threshold as the upper bound. The oracle takes, for each example,
+the run of a threshold sweep that decodes it correctly in the fewest forwards (an example no
+threshold gets right counts as wrong, at the sweep's fewest forwards): the best accuracy any
+per-example threshold reaches, at the least cost that reaches it. `pick` turns a family's rows into
+a recommendation by a fixed rule, so the README's advice can be read off the table.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from vllm_blockdiff.bench.accuracy import (
     engine,
     parse_policy,
     resolve_tokens,
-    run_config,
-    run_task,
+    run_tasks,
     summarize,
 )
 from vllm_blockdiff.testbed.tasks import TASKS, generate
@@ -169,12 +169,11 @@ def table(rows: Sequence[Row]) -> str:
     front = {id(r) for r in pareto_front(rows)}
     order = sorted(rows, key=lambda r: (r.policy != AR, r.policy != ORACLE,
                                         -r.tokens_per_forward, -r.accuracy))
-    lines = ["| policy | B | accuracy | tokens/forward | forwards/request | tokens/s | front |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| policy | B | accuracy | tokens/forward | forwards/request | front |",
+             "|---|---|---|---|---|---|"]
     for r in order:
-        speed = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}"
         lines.append(f"| {_code(r.policy)} | {r.block_length} | {r.accuracy:.2f} | "
-                     f"{r.tokens_per_forward:.2f} | {r.forwards_per_request:.1f} | {speed} | "
+                     f"{r.tokens_per_forward:.2f} | {r.forwards_per_request:.1f} | "
                      f"{'yes' if id(r) in front else ''} |")
     return "\n".join(lines)
 
@@ -244,7 +243,8 @@ def measure(opts: Options, log: Callable[[str], None] = print) -> tuple[list[Row
     rows: list[Row] = []
     if opts.ar_model:
         llm = engine(opts.ar_model)
-        rows += run_config(llm, examples, None, AR, 1, opts.ar_model)
+        results, _ = run_tasks(llm, examples, None)
+        rows += [summarize(outs, None, opts.ar_model, t, AR, 1) for t, outs in results.items()]
         del llm
     llm = engine(opts.model, diffusion=True)
     sweep = {f"threshold:{t}" for t in opts.thresholds}
@@ -254,16 +254,16 @@ def measure(opts: Options, log: Callable[[str], None] = print) -> tuple[list[Row
         for b in opts.block_sizes:
             extra = {**resolve_tokens(parse_policy(spec), llm.get_tokenizer()), "block_length": b}
             try:
-                results = {t: run_task(llm, t, exs, extra) for t, exs in examples.items()}
+                results, seconds = run_tasks(llm, examples, extra)
             except ValueError as e:
                 skipped.append(f"{spec} B={b}: {e}")
                 log(f"skipped {skipped[-1]}")
                 continue
-            for task, (outcomes, seconds) in results.items():
-                rows.append(summarize(outcomes, seconds, opts.model, task, spec, b))
+            for task, outcomes in results.items():
+                rows.append(summarize(outcomes, None, opts.model, task, spec, b))
                 if spec in sweep:
                     runs[task, b].append(outcomes)
-            log(f"{spec} B={b}: done")
+            log(f"{spec} B={b}: done in {seconds:.1f} s")
     for (task, b), per_threshold in runs.items():
         rows.append(summarize(oracle(per_threshold), None, opts.model, task, ORACLE, b))
     return rows, skipped
