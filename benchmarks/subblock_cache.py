@@ -12,6 +12,8 @@ takes many steps per sub-block. Prints a table and writes JSON.
 
     python benchmarks/subblock_cache.py --out benchmarks/results/subblock_cache_cpu_tiny.json
     python benchmarks/subblock_cache.py --shape qwen2.5-1.5b --batch 1 16 64   # GPU
+    python benchmarks/subblock_cache.py --model examples/models/fast-dllm-testbed \
+        --tasks arithmetic,lists,json --batch 1 16          # the trained testbed model
 """
 
 from __future__ import annotations
@@ -26,17 +28,40 @@ from pathlib import Path
 CONFIGS = [(32, 8), (16, 4)]
 
 
+def synthetic_prompts(n: int) -> list:
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=[(13 * i + 7 * j) % 300 + 10 for j in range(9 + i % 23)])
+            for i in range(n)]
+
+
+def testbed_prompts(model: str, tasks: list[str], n: int) -> list:
+    """n test prompts, round robin over the tasks, encoded with the checkpoint's tokenizer."""
+    from tokenizers import Tokenizer
+    from vllm.inputs import TokensPrompt
+
+    from vllm_blockdiff.testbed.data import encode_prompt
+    from vllm_blockdiff.testbed.tasks import generate
+
+    tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    per_task = [generate(task, "test", n) for task in tasks]
+    return [TokensPrompt(prompt_token_ids=encode_prompt(tok, per_task[i % len(tasks)][i].prompt))
+            for i in range(n)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a Fast-dLLM v2 checkpoint (default: tiny)")
     parser.add_argument("--shape", default=None, help="a throughput.py shape, random weights")
     parser.add_argument("--batch", type=int, nargs="+", default=[8])
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--tasks", default=None,
+                        help="prompts from these testbed tasks (a trained testbed --model), "
+                             "decoded until EOS; default: synthetic prompts, EOS ignored")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint
 
@@ -51,21 +76,20 @@ def main() -> None:
                                                        arch="fast_dllm", block_size=32, seed=0))
         llm = LLM(model, dtype="float32", max_model_len=512, enforce_eager=True, block_size=32,
                   max_num_seqs=max(args.batch), gpu_memory_utilization=0.3)
+    prompts = synthetic_prompts(max(args.batch)) if args.tasks is None else \
+        testbed_prompts(model, args.tasks.split(","), max(args.batch))
     rows = []
     print("B/sub | cache | batch | query tok / out tok | query tok / fwd | forwards | tok / fwd "
           "| tok/s")
     for (block, sub), batch, cache in ((c, b, k) for c in CONFIGS for b in args.batch
                                        for k in (False, True)):
-        prompts = [TokensPrompt(prompt_token_ids=[(13 * i + 7 * j) % 300 + 10
-                                                  for j in range(9 + i % 23)])
-                   for i in range(batch)]
         xargs = {"policy": "subblock", "block_length": block, "sub_block_length": sub,
                  "use_block_cache": cache}
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True,
-                                extra_args=xargs)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
+                                ignore_eos=args.tasks is None, extra_args=xargs)
         llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
         start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs = llm.generate(prompts[:batch], params, use_tqdm=False)
         seconds = time.perf_counter() - start
         stats = [o.kv_transfer_params["blockdiff"] for o in outs]
         query = sum(s["query_tokens"] for s in stats)
@@ -86,7 +110,7 @@ def main() -> None:
               f"forward, {on['tokens_per_s'] / off['tokens_per_s']:.2f}x tok/s with the cache")
     if args.out:
         name = args.model or args.shape or "tiny random"
-        Path(args.out).write_text(json.dumps({"model": name,
+        Path(args.out).write_text(json.dumps({"model": name, "tasks": args.tasks,
                                               "argv": sys.argv[1:], "rows": rows}, indent=1))
 
 

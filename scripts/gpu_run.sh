@@ -14,8 +14,8 @@
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
 #     cache     benchmarks/subblock_cache.py: the sub-block cache on and off, same shape, batch 1-64
-#     train     the testbed pair retrained on old + ParallelBench-style families (TRAIN_S each)
-#     train_fast_dllm  a Qwen2-layout AR twin and a Fast-dLLM v2 model adapted from it (TRAIN_S)
+#     train_ar  the AR twins: Qwen3 on old + ParallelBench-style families, Qwen2 layout (AR_S)
+#     train_dllm SDAR and Fast-dLLM v2 adapted from the twins in $TWINS (DLLM_S)
 #
 # SRC_TGZ (optional, `git archive HEAD | gzip`): run that commit instead of the working tree.
 set -uo pipefail
@@ -72,32 +72,31 @@ for step in "$@"; do
       (cd benchmarks && timeout 300 python3 subblock_cache.py --shape qwen2.5-1.5b \
         --batch 1 16 64 --out "$OUT/subblock_cache_$card.json") > "$OUT/subblock_cache.log" 2>&1
       echo "cache rc=$?"; tail -12 "$OUT/subblock_cache.log" ;;
-    train)
-      # The testbed pair retrained on the old and the ParallelBench-style families (issue 13),
-      # with the bundled tokenizer; each loop gets TRAIN_S seconds (the step count follows).
-      m=$OUT/models; mkdir -p "$m"
-      (cd / && python3 -m vllm_blockdiff.testbed.train --arch qwen3 --out "$m/qwen3-testbed" \
-        --mix parallel --tokenizer "$src/examples/models/qwen3-testbed/tokenizer.json" \
-        --budget-s ${TRAIN_S:-170} --log-every 500 \
-        && python3 -m vllm_blockdiff.testbed.train --arch sdar --out "$m/sdar-testbed" \
-        --init-from "$m/qwen3-testbed" --mix parallel --budget-s ${TRAIN_S:-170} \
-        --log-every 500) > "$OUT/train.log" 2>&1
-      echo "train rc=$?"; grep -h "steps:\|training time" "$m"/*/TRAINING.md
+    train_ar|train_dllm)
+      # The testbed models in two stages of two concurrent runs. train_ar: the Qwen3 AR twin on
+      # the old and the ParallelBench-style families (issue 13) and the smaller Qwen2-layout twin
+      # (issue 11); side by side on an H100 each ran as fast as alone (31.8 ms/step). train_dllm:
+      # SDAR adapted from the first, Fast-dLLM v2 (shifted, B 8/16/32, bd_size 32) from the
+      # second, twins from $TWINS (train_ar's archive, unpacked and carried); these runs are
+      # GPU-bound (133 ms/step side by side, 60 alone), so MODELS="name ..." trains only those.
+      m=$OUT/models; mkdir -p "$m"; tw=$src/${TWINS:-.gpu-models}
+      tr() { local name=$1; shift; (cd / && python3 -m vllm_blockdiff.testbed.train --out "$m/$name" \
+        --log-every 500 "$@") > "$OUT/train_$name.log" 2>&1; echo "$name rc=$?"; }
+      want() { [[ -z ${MODELS:-} || " $MODELS " == *" $1 "* ]]; }
+      if [[ $step == train_ar ]]; then
+        tok=$src/examples/models/qwen3-testbed/tokenizer.json
+        want qwen3-testbed && tr qwen3-testbed --arch qwen3 --mix parallel --tokenizer "$tok" --budget-s ${AR_S:-240} &
+        want qwen2-testbed && tr qwen2-testbed --arch qwen2 --tokenizer "$tok" --hidden-size 192 --num-heads 3 \
+          --num-kv-heads 1 --intermediate-size 384 --budget-s ${AR_S:-240} &
+      else
+        want sdar-testbed && tr sdar-testbed --arch sdar --mix parallel --init-from "$tw/qwen3-testbed" \
+          --budget-s ${DLLM_S:-330} &
+        want fast-dllm-testbed && tr fast-dllm-testbed --arch fast_dllm --init-from "$tw/qwen2-testbed" \
+          --block-sizes 8,16,32 --eval-block-size 32 --budget-s ${DLLM_S:-330} &
+      fi
+      wait; grep -h "steps:\|training time" "$m"/*/TRAINING.md
       # One archive: the device call returns only a few files.
-      tar czf "$OUT/models.tgz" -C "$m" . && rm -rf "$m" ;;
-    train_fast_dllm)
-      # Fast-dLLM v2 on the testbed (issue 11): the Qwen2-layout AR twin, then the shifted
-      # block-diffusion adaptation from it (B 8/16/32; config bd_size 32); TRAIN_S each.
-      m=$OUT/models; mkdir -p "$m"
-      (cd / && python3 -m vllm_blockdiff.testbed.train --arch qwen2 --out "$m/qwen2-testbed" \
-        --tokenizer "$src/examples/models/qwen3-testbed/tokenizer.json" \
-        --budget-s ${TRAIN_S:-170} --log-every 500 \
-        && python3 -m vllm_blockdiff.testbed.train --arch fast_dllm \
-        --out "$m/fast-dllm-testbed" --init-from "$m/qwen2-testbed" --block-sizes 8,16,32 \
-        --eval-block-size 32 --budget-s ${TRAIN_S:-170} --log-every 500) \
-        > "$OUT/train_fast_dllm.log" 2>&1
-      echo "train_fast_dllm rc=$?"; grep -h "steps:\|training time" "$m"/*/TRAINING.md
-      tar czf "$OUT/fast_dllm_models.tgz" -C "$m" . && rm -rf "$m" ;;
+      tar czf "$OUT/${step}_models.tgz" -C "$m" . && rm -rf "$m" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
