@@ -111,3 +111,45 @@ def test_preempted_requests_resume_without_their_cached_block(checkpoint):
         ref = generate(reference, prompt, resolve_options(options, SERVE), MASK, MAX_TOKENS,
                        {EOS, IM_END}, shifted=True)
         assert list(out.outputs[0].token_ids) == ref.token_ids, len(prompt)
+
+
+def test_bundled_model_solves_testbed_prompts_like_the_reference():
+    """The trained Fast-dLLM v2 testbed model, served from its published-style config alone
+    (block length from bd_size 32, mask id from the tokenizer): cache on and off, greedy, the
+    reference's tokens, and right answers with more than one token per forward."""
+    from pathlib import Path
+
+    from conftest import ENGINE_ARGS
+    from tokenizers import Tokenizer
+    from vllm import LLM
+
+    from vllm_blockdiff.testbed.data import encode_prompt, special_ids
+    from vllm_blockdiff.testbed.tasks import generate as examples
+    from vllm_blockdiff.testbed.tasks import score
+
+    bundled = Path(__file__).parents[1] / "examples" / "models" / "fast-dllm-testbed"
+    tok = Tokenizer.from_file(str(bundled / "tokenizer.json"))
+    ids = special_ids(tok)
+    cases = [e for task in ("arithmetic", "lists", "json") for e in examples(task, "test", 2)]
+    prompts = [encode_prompt(tok, e.prompt) for e in cases]
+    mixes = [{}, {"use_block_cache": False}, {"block_length": 16, "sub_block_length": 4}]
+    requests = [(i, m) for m in mixes for i in range(len(cases))]
+    engine = LLM(str(bundled), **ENGINE_ARGS)
+    assert engine.llm_engine.model_config.hf_config.blockdiff["block_length"] == 32
+    outs = engine.generate(
+        [TokensPrompt(prompt_token_ids=prompts[i]) for i, _ in requests],
+        [SamplingParams(max_tokens=64, temperature=0.0, extra_args=m) for _, m in requests],
+        use_tqdm=False)
+    del engine
+    serve = ServeConfig(block_length=32, max_block_length=32, mask_token_id=ids.mask,
+                        shifted_logits=True, policy="subblock")
+    model = CausalLM.from_pretrained(bundled, dtype=torch.float32)
+    correct = 0
+    for (i, args), out in zip(requests, outs, strict=True):
+        ref = generate(model, prompts[i], resolve_options(args, serve), ids.mask, 64, {ids.eos},
+                       shifted=True)
+        assert list(out.outputs[0].token_ids) == ref.token_ids, (cases[i].prompt, args)
+        correct += score(cases[i].task, cases[i], out.outputs[0].text)
+    assert correct >= len(requests) - 2
+    stats = [o.kv_transfer_params["blockdiff"] for o in outs]
+    assert sum(s["output_tokens"] for s in stats) > 2 * sum(s["forwards"] for s in stats)
