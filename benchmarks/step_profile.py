@@ -73,6 +73,52 @@ def _instrument(llm) -> dict:
     return steps
 
 
+# Host time per step without the profiler (perf_counter around each call, ~1 us each): which
+# calls the step's wall time goes to. Nested: prepare_* and forward inside execute, sample inside
+# sample_tokens, logits inside sample; graph_replay counts the model's and the sampler's graphs,
+# sync is the host waiting for the GPU's results.
+TIMED = ("schedule", "execute", "prepare_inputs", "prepare_attn", "sample_tokens", "sample",
+         "logits", "graph_replay", "tail_replay", "sync", "update")
+
+
+def _time(owner, name: str, label: str, totals: dict[str, float]) -> None:
+    fn = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+
+    setattr(owner, name, timed)
+
+
+def _timeline(llm, totals: dict[str, float]) -> None:
+    """Host timers on the scheduler's and runner's calls, CUDA graph replays and host syncs."""
+    import torch
+
+    core = llm.llm_engine.engine_core.engine_core
+    runner = core.model_executor.driver_worker.worker.model_runner
+    for owner, name, label in ((core.scheduler, "schedule", "schedule"),
+                               (core.scheduler, "update_from_output", "update"),
+                               (runner, "execute_model", "execute"),
+                               (runner, "prepare_inputs", "prepare_inputs"),
+                               (runner, "prepare_attn", "prepare_attn"),
+                               (runner, "sample_tokens", "sample_tokens"),
+                               (runner, "sample", "sample"),
+                               (runner.model, "compute_logits", "logits"),
+                               (torch.cuda.CUDAGraph, "replay", "graph_replay"),
+                               (torch.cuda.Event, "synchronize", "sync")):
+        if hasattr(owner, name):  # off CUDA, torch.cuda's classes are placeholders
+            _time(owner, name, label, totals)
+    try:
+        from vllm_blockdiff.engine.sampler import TailGraphs
+    except ImportError:
+        return
+    _time(TailGraphs, "replay", "tail_replay", totals)
+
+
 def _union(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
@@ -149,6 +195,8 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
               max_model_len=prompt_len + max_tokens + 64, gpu_memory_utilization=0.5 if cuda
               else 0.3, max_num_seqs=max(batches), seed=0, enforce_eager=not cuda,
               compilation_config=compilation)
+    totals: dict[str, float] = {}
+    _timeline(llm, totals)  # innermost: the profiler's ranges stay outside the timers
     steps = _instrument(llm)
     rows = []
     for config, batch in ((c, b) for c in configs for b in batches):
@@ -161,10 +209,12 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
                    for i in range(batch)]
         llm.generate(prompts, params, use_tqdm=False)  # warm-up
         steps["n"], steps["t"] = 0, []
+        totals.clear()
         t = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t
         n = steps["n"]
+        timeline = {k: round(totals.get(k, 0.0) * 1e3 / n, 3) for k in TIMED}
         # The first step is the prompt's; the decode steps' median leaves it out of the average.
         gaps = sorted(b - a for a, b in zip(steps["t"][1:], steps["t"][2:], strict=False))
         decode_ms = round(gaps[len(gaps) // 2] * 1e3, 3) if gaps else None
@@ -183,7 +233,7 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
                      "cudagraph_mode": cudagraph_mode or "default",
                      "card": torch.cuda.get_device_name() if cuda else "cpu", "steps": n,
                      "wall_ms_per_step": round(wall * 1e3 / n, 3),
-                     "decode_step_median_ms": decode_ms,
+                     "decode_step_median_ms": decode_ms, "host_timeline_ms": timeline,
                      **breakdown})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -236,6 +286,12 @@ def main() -> None:
               f"{r['wall_ms_per_step']:8.2f} {r['decode_step_median_ms']:7.2f} {phases} "
               f"{r['gpu']['busy_ms']:8.2f} "
               f"{r['gpu']['idle_ms']:7.2f}")
+    print("\nhost ms per step, unprofiled (nested: prepare_* in execute, sample in sample_tokens, "
+          "logits in sample)")
+    print(f"{'engine':9} {'B:steps':7} {'batch':>5} " + " ".join(f"{k[:9]:>9}" for k in TIMED))
+    for r in rows:
+        print(f"{r['engine']:9} {r['config']:7} {r['batch']:5d} "
+              + " ".join(f"{r['host_timeline_ms'][k]:9.3f}" for k in TIMED))
     for r in rows:
         print(f"\n{r['engine']} {r['config']} batch {r['batch']}: top kernels, GPU ms per step")
         for k in r["top_kernels"]:
