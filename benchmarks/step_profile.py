@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 TOP_KERNELS = 15
@@ -35,16 +37,21 @@ PHASES = ("schedule", "prepare", "forward", "logits", "sampler", "postprocess", 
 RANGES = ("execute", "sample", *PHASES)
 
 
+def _around(owner, name: str, context: Callable[[], AbstractContextManager]) -> None:
+    """Run every call of `owner.name` inside a fresh `context()`."""
+    fn = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        with context():
+            return fn(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
+
+
 def _wrap(obj, name: str, label: str) -> None:
     import torch
 
-    fn = getattr(obj, name)
-
-    def wrapped(*args, **kwargs):
-        with torch.profiler.record_function(label):
-            return fn(*args, **kwargs)
-
-    setattr(obj, name, wrapped)
+    _around(obj, name, lambda: torch.profiler.record_function(label))
 
 
 def _instrument(llm) -> dict:
@@ -82,16 +89,15 @@ TIMED = ("schedule", "execute", "prepare_inputs", "prepare_attn", "sample_tokens
 
 
 def _time(owner, name: str, label: str, totals: dict[str, float]) -> None:
-    fn = getattr(owner, name)
-
-    def timed(*args, **kwargs):
+    @contextmanager
+    def timer():
         t = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
             totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
 
-    setattr(owner, name, timed)
+    _around(owner, name, timer)
 
 
 def _timeline(llm, totals: dict[str, float]) -> None:
@@ -112,10 +118,8 @@ def _timeline(llm, totals: dict[str, float]) -> None:
                                (torch.cuda.Event, "synchronize", "sync")):
         if hasattr(owner, name):  # off CUDA, torch.cuda's classes are placeholders
             _time(owner, name, label, totals)
-    try:
-        from vllm_blockdiff.engine.sampler import TailGraphs
-    except ImportError:
-        return
+    from vllm_blockdiff.engine.sampler import TailGraphs
+
     _time(TailGraphs, "replay", "tail_replay", totals)
 
 

@@ -8,14 +8,20 @@ position from the one before it (a block's first token from the previous block's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from tokenizers import Tokenizer
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from vllm_blockdiff.options import ServeConfig, resolve_options
 from vllm_blockdiff.reference.decode import generate
 from vllm_blockdiff.reference.modeling import CausalLM
+from vllm_blockdiff.testbed.data import encode_prompt, special_ids
+from vllm_blockdiff.testbed.tasks import generate as examples
+from vllm_blockdiff.testbed.tasks import score
 from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint
 
 pytestmark = pytest.mark.engine
@@ -117,15 +123,8 @@ def test_bundled_model_solves_testbed_prompts_like_the_reference():
     """The trained Fast-dLLM v2 testbed model, served from its published-style config alone
     (block length from bd_size 32, mask id from the tokenizer): cache on and off, greedy, the
     reference's tokens, and right answers with more than one token per forward."""
-    from pathlib import Path
-
     from conftest import ENGINE_ARGS
-    from tokenizers import Tokenizer
     from vllm import LLM
-
-    from vllm_blockdiff.testbed.data import encode_prompt, special_ids
-    from vllm_blockdiff.testbed.tasks import generate as examples
-    from vllm_blockdiff.testbed.tasks import score
 
     bundled = Path(__file__).parents[1] / "examples" / "models" / "fast-dllm-testbed"
     tok = Tokenizer.from_file(str(bundled / "tokenizer.json"))
