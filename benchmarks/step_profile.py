@@ -13,7 +13,8 @@ with the torch profiler, the runner's and scheduler's phases wrapped in `record_
 For each phase it reports host time (CPU time of the range) and GPU time (kernels launched from
 it) per step, plus the GPU's busy time (union of kernel intervals) and idle time per step, and
 the kernels that take the most GPU time (ms and launches per step). The profiler roughly doubles
-host times; the unprofiled wall time is the real step cost.
+host times; the unprofiled wall time is the real step cost, and the unprofiled host timeline
+(perf_counter around the same calls) is the median over the decode steps, the prompt's step apart.
 
     python benchmarks/step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
         --out benchmarks/results/step_profile.json
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,25 +85,31 @@ def _instrument(llm) -> dict:
 # Host time per step without the profiler (perf_counter around each call, ~1 us each): which
 # calls the step's wall time goes to. Nested: prepare_* and forward inside execute, sample inside
 # sample_tokens, logits inside sample; graph_replay counts the model's and the sampler's graphs,
-# sync is the host waiting for the GPU's results.
-TIMED = ("schedule", "execute", "prepare_inputs", "prepare_attn", "sample_tokens", "sample",
-         "logits", "graph_replay", "tail_replay", "sync", "update")
+# sync is the host waiting for the GPU's results. ms_* are the model state's parts of execute (the
+# plugin's input and attention preparation), plan/upload/propose the sampler's host work.
+TIMED = ("schedule", "execute", "prepare_inputs", "prepare_attn", "ms_prepare_inputs",
+         "ms_prepare_attn", "sample_tokens", "sample", "logits", "plan", "upload", "propose",
+         "graph_replay", "tail_replay", "sync", "update")
 
 
-def _time(owner, name: str, label: str, totals: dict[str, float]) -> None:
+def _time(owner, name: str, label: str, steps: list[dict[str, float]]) -> None:
     @contextmanager
     def timer():
+        if label == "schedule":  # each step starts with the scheduler
+            steps.append({})
         t = time.perf_counter()
         try:
             yield
         finally:
-            totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+            if steps:
+                steps[-1][label] = steps[-1].get(label, 0.0) + time.perf_counter() - t
 
     _around(owner, name, timer)
 
 
-def _timeline(llm, totals: dict[str, float]) -> None:
-    """Host timers on the scheduler's and runner's calls, CUDA graph replays and host syncs."""
+def _timeline(llm, steps: list[dict[str, float]]) -> None:
+    """Host timers on the scheduler's and runner's calls, CUDA graph replays and host syncs,
+    summed per step into `steps` (one dict per scheduler call)."""
     import torch
 
     core = llm.llm_engine.engine_core.engine_core
@@ -111,16 +119,30 @@ def _timeline(llm, totals: dict[str, float]) -> None:
                                (runner, "execute_model", "execute"),
                                (runner, "prepare_inputs", "prepare_inputs"),
                                (runner, "prepare_attn", "prepare_attn"),
+                               (runner.model_state, "prepare_inputs", "ms_prepare_inputs"),
+                               (runner.model_state, "prepare_attn", "ms_prepare_attn"),
                                (runner, "sample_tokens", "sample_tokens"),
                                (runner, "sample", "sample"),
                                (runner.model, "compute_logits", "logits"),
                                (torch.cuda.CUDAGraph, "replay", "graph_replay"),
                                (torch.cuda.Event, "synchronize", "sync")):
         if hasattr(owner, name):  # off CUDA, torch.cuda's classes are placeholders
-            _time(owner, name, label, totals)
-    from vllm_blockdiff.engine.sampler import TailGraphs
+            _time(owner, name, label, steps)
+    from vllm_blockdiff.engine.sampler import BlockDiffusionSampler, StepPlan, TailGraphs
 
-    _time(TailGraphs, "replay", "tail_replay", totals)
+    for owner, name, label in ((TailGraphs, "replay", "tail_replay"),
+                               (StepPlan, "__init__", "plan"),
+                               (BlockDiffusionSampler, "_upload", "upload"),
+                               (BlockDiffusionSampler, "_propose", "propose")):
+        _time(owner, name, label, steps)
+
+
+def _decode_median(steps: list[dict[str, float]]) -> dict[str, float]:
+    """Each timer's median over the decode steps, in ms: the prompt's step (the first) is far
+    larger and, averaged in, weighs 4x more in a diffusion run (17 steps) than in an AR run
+    (65 steps)."""
+    decode = steps[1:] or steps
+    return {k: round(statistics.median(s.get(k, 0.0) for s in decode) * 1e3, 3) for k in TIMED}
 
 
 def _union(intervals: list[tuple[float, float]]) -> float:
@@ -199,8 +221,8 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
               max_model_len=prompt_len + max_tokens + 64, gpu_memory_utilization=0.5 if cuda
               else 0.3, max_num_seqs=max(batches), seed=0, enforce_eager=not cuda,
               compilation_config=compilation)
-    totals: dict[str, float] = {}
-    _timeline(llm, totals)  # innermost: the profiler's ranges stay outside the timers
+    timed: list[dict[str, float]] = []
+    _timeline(llm, timed)  # innermost: the profiler's ranges stay outside the timers
     steps = _instrument(llm)
     rows = []
     for config, batch in ((c, b) for c in configs for b in batches):
@@ -213,12 +235,13 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
                    for i in range(batch)]
         llm.generate(prompts, params, use_tqdm=False)  # warm-up
         steps["n"], steps["t"] = 0, []
-        totals.clear()
+        timed.clear()
         t = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t
         n = steps["n"]
-        timeline = {k: round(totals.get(k, 0.0) * 1e3 / n, 3) for k in TIMED}
+        timeline = _decode_median(timed)
+        prompt_step = {k: round(timed[0].get(k, 0.0) * 1e3, 3) for k in TIMED}
         # The first step is the prompt's; the decode steps' median leaves it out of the average.
         gaps = sorted(b - a for a, b in zip(steps["t"][1:], steps["t"][2:], strict=False))
         decode_ms = round(gaps[len(gaps) // 2] * 1e3, 3) if gaps else None
@@ -238,6 +261,7 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
                      "card": torch.cuda.get_device_name() if cuda else "cpu", "steps": n,
                      "wall_ms_per_step": round(wall * 1e3 / n, 3),
                      "decode_step_median_ms": decode_ms, "host_timeline_ms": timeline,
+                     "host_prompt_step_ms": prompt_step,
                      **breakdown})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -290,9 +314,9 @@ def main() -> None:
               f"{r['wall_ms_per_step']:8.2f} {r['decode_step_median_ms']:7.2f} {phases} "
               f"{r['gpu']['busy_ms']:8.2f} "
               f"{r['gpu']['idle_ms']:7.2f}")
-    print("\nhost ms per step, unprofiled (nested: prepare_* in execute, sample in sample_tokens, "
-          "logits in sample)")
-    print(f"{'engine':9} {'B:steps':7} {'batch':>5} " + " ".join(f"{k[:9]:>9}" for k in TIMED))
+    print("\nhost ms per decode step (median), unprofiled (nested: prepare_* in execute, sample "
+          "in sample_tokens, logits in sample)")
+    print(f"{'engine':9} {'B:steps':7} {'batch':>5} " + " ".join(f"{k[-9:]:>9}" for k in TIMED))
     for r in rows:
         print(f"{r['engine']:9} {r['config']:7} {r['batch']:5d} "
               + " ".join(f"{r['host_timeline_ms'][k]:9.3f}" for k in TIMED))

@@ -14,6 +14,10 @@
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
 #     cache     benchmarks/subblock_cache.py: the sub-block cache on and off, same shape, batch 1-64
+#     structured benchmarks/structured.py --full with the default grammar backend: every compiled
+#               JSONSchemaBench schema of $JSB (the carried archive, unpacked), one engine per
+#               group of splits in $SPLITS ("a,b;c;d"), each writing its own JSON; groups that
+#               would start after $SO_S seconds are skipped
 #     train_ar  the AR twins: Qwen3 on old + ParallelBench-style families, Qwen2 layout (AR_S)
 #     train_dllm SDAR and Fast-dLLM v2 adapted from the twins in $TWINS (DLLM_S)
 #
@@ -72,6 +76,18 @@ for step in "$@"; do
       (cd benchmarks && timeout 300 python3 subblock_cache.py --shape qwen2.5-1.5b \
         --batch 1 16 64 --out "$OUT/subblock_cache_$card.json") > "$OUT/subblock_cache.log" 2>&1
       echo "cache rc=$?"; tail -12 "$OUT/subblock_cache.log" ;;
+    structured)
+      jsb=${JSB:-.jsb/jsb.tgz}; mkdir -p /tmp/jsb && tar xzf "$src/$jsb" -C /tmp/jsb
+      end=$((SECONDS + ${SO_S:-540})); IFS=';' read -ra groups <<< "${SPLITS:-}"
+      for g in "${groups[@]:-}"; do
+        (( SECONDS < end )) || { echo "structured $g: skipped (time)"; continue; }
+        name=${g//,/_}; name=${name:-all}
+        (cd "$src" && timeout $((end - SECONDS)) python3 benchmarks/structured.py \
+          --model examples/models/sdar-testbed --full --splits "$g" --speed-skip \
+          --schemas /tmp/jsb/jsonschemabench --out "$OUT/structured_${card}_$name") \
+          > "$OUT/structured_$name.log" 2>&1
+        echo "structured $g rc=$?"; grep -A14 "^split " "$OUT/structured_$name.log" | grep -v "^ "
+      done ;;
     train_ar|train_dllm)
       # The testbed models in two stages of two concurrent runs. train_ar: the Qwen3 AR twin on
       # the old and the ParallelBench-style families (issue 13) and the smaller Qwen2-layout twin
