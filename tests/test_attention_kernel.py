@@ -158,3 +158,19 @@ def test_drafts_side_by_side_see_the_prefix_and_themselves():
     plain = token_layout([0, 8], [6, 8], [0, 8], [4, 8])
     assert plain.kv_limit.tolist() == [4] * 4 + [6] * 2 + [16] * 8
     assert plain.rope_positions is None
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="vLLM's cache kernel is CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_kv_write_matches_index_copy(dtype):
+    """vLLM's one-kernel write (with the layer's scales) fills the same slots as the two
+    `index_copy_` launches and leaves padding tokens (negative slots) out."""
+    c = _case(**CASES[0], dtype=dtype)
+    slots = c["slots"].clone()
+    slots[::5] = -1  # padding
+    scales = (torch.ones((), device=DEVICE), torch.ones((), device=DEVICE))
+    expected_k, expected_v, got_k, got_v = (c[x].clone() for x in ("kc", "vc", "kc", "vc"))
+    keep = slots >= 0
+    write_kv_cache(c["k_new"][keep], c["v_new"][keep], expected_k, expected_v, slots[keep])
+    write_kv_cache(c["k_new"], c["v_new"], got_k, got_v, slots, scales)
+    assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)

@@ -143,7 +143,8 @@ class BlockDiffusionAttentionImpl(AttentionImpl[BlockDiffusionAttentionMetadata]
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = kv_cache.unbind(0)
-        write_kv_cache(key[:n], value[:n], key_cache, value_cache, attn_metadata.slot_mapping[:n])
+        write_kv_cache(key[:n], value[:n], key_cache, value_cache, attn_metadata.slot_mapping[:n],
+                       (layer._k_scale, layer._v_scale))
         paged_block_causal_attention(
             query[:n],
             key_cache,
