@@ -22,6 +22,8 @@
 #     train_dllm SDAR and Fast-dLLM v2 adapted from the twins in $TWINS (DLLM_S)
 #
 # SRC_TGZ (optional, `git archive HEAD | gzip`): run that commit instead of the working tree.
+# Every call reinstalls the plugin (--upgrade): without it pip keeps an earlier call's copy on a
+# warm machine, and a before/after pair measured the same code twice (found 2026-12-06).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -33,7 +35,7 @@ if [[ ${1:-} == *.tgz ]]; then
 else
   wheels=$(ls .gpu-src/*.whl 2>/dev/null)
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . $wheels \
+python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target /tmp/site . $wheels \
   > "$OUT/pip.log" 2>&1 || { tail -5 "$OUT/pip.log"; exit 1; }
 src=$PWD
 # pytest runs from / so that the installed plugin (with its plugins/ subpackage) is imported.
