@@ -11,6 +11,7 @@ learn across requests (Token Recycling, ADED, suffix) start warm, as in serving.
 `num_speculative_tokens` 4. Prints a table and writes JSON.
 
     python benchmarks/proposers.py                      # CPU, the bundled testbed AR model
+    bash scripts/build_suffix_decoding.sh               # once, for vLLM's `suffix` rows
     python benchmarks/proposers.py --shape qwen3-1.7b   # random weights of a realistic shape
 """
 
@@ -20,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +36,13 @@ os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
+# vLLM's `suffix` proposer imports arctic_inference.suffix_decoding, which
+# scripts/build_suffix_decoding.sh builds alone into .suffix/ (engine processes inherit the path).
+SUFFIX = ROOT / ".suffix"
+if SUFFIX.is_dir():
+    sys.path.insert(0, str(SUFFIX))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SUFFIX),
+                                                             os.environ.get("PYTHONPATH")]))
 TESTBED = ROOT / "examples" / "models" / "qwen3-testbed"
 TASKS = ("arithmetic", "lists", "json", "code")
 PROPOSERS = "vllm_blockdiff.proposers"
@@ -204,7 +213,8 @@ def main() -> None:
         model = write_shape(Path(tmp), a.shape, "qwen3") if a.shape else a.model
         for name in a.methods:
             if name == "suffix" and importlib.util.find_spec("arctic_inference") is None:
-                skipped[name] = "vLLM's suffix proposer needs the arctic-inference package"
+                skipped[name] = ("vLLM's suffix proposer needs arctic-inference: "
+                                 "bash scripts/build_suffix_decoding.sh")
                 save()
                 continue
             run_method(name, model, a.shape is not None, a.k, prompts, warmup, a.batch,

@@ -470,22 +470,31 @@ class BlockDiffusionSampler:
         if not rows:
             return
         started = time.perf_counter()
-        for i in rows:
+        # The constrained rows' state in one device-to-host copy, their updates in one copy back:
+        # per-request reads would sync with the device several times per request and step.
+        idx = torch.tensor(rows, device=commit.device)
+        state = torch.stack([t[idx].long() for t in (committed, commit, canvas, grid_tok)])
+        held_all, picked_all, canvas_h, grid_h = state.cpu().numpy()
+        new_commit, new_committed = picked_all.astype(bool), held_all.astype(bool)
+        for j, i in enumerate(rows):
             constraint = self.states.constraints[plan.slots[i]]
             off, b = int(plan.offset[i]), int(plan.block_length[i])
-            held = committed[i, off:b].tolist()
-            proposed = torch.where(committed[i, off:b], canvas[i, off:b],
-                                   grid_tok[i, off:b]).tolist()
-            chosen = [h or c for h, c in zip(held, commit[i, off:b].tolist(), strict=True)]
+            held = new_committed[j, off:b]
+            proposed = np.where(held, canvas_h[j, off:b], grid_h[j, off:b]).tolist()
+            chosen = (held | new_commit[j, off:b]).tolist()
             run = constraint.commit_run(proposed, chosen)
             constraint.accept(run)
             self.grammar_stats.count(run, proposed, chosen)
             end = off + len(run)
-            commit[i, off:end] = True
-            grid_tok[i, off:end] = torch.tensor(run, dtype=grid_tok.dtype)
+            new_commit[j, off:end] = True
+            grid_h[j, off:end] = run
             if end < b:  # the run stopped here: whatever was picked here is not valid
-                commit[i, end] = False
-                committed[i, end] = False
+                new_commit[j, end] = False
+                new_committed[j, end] = False
+        update = torch.from_numpy(np.stack([new_commit, new_committed, grid_h])).to(commit.device)
+        commit[idx] = update[0].bool()
+        committed[idx] = update[1].bool()
+        grid_tok[idx] = update[2].to(grid_tok.dtype)
         self.grammar_stats.host_seconds += time.perf_counter() - started
         self.grammar_stats.steps.append(self.grammar_stats.host_seconds)
         self.grammar_stats.host_seconds = 0.0
