@@ -22,8 +22,9 @@ def write_kv_cache(
 ) -> None:
     """Write the new keys and values into their slots. On CUDA, with the cache in the model's
     dtype, vLLM's `reshape_and_cache_flash` writes both in one kernel that skips padding (the
-    cache has FlashAttention's layout); two `index_copy_` launches per layer before it cost 2.5x
-    its GPU time (H100, `benchmarks/step_profile.py`)."""
+    cache has FlashAttention's layout). The two `index_copy_` launches per layer it replaces took
+    0.147 ms per step at batch 1, the AR twin's `reshape_and_cache_flash` 0.058 (one H100
+    `benchmarks/step_profile.py` run)."""
     if key.is_cuda and key.dtype == key_cache.dtype and scales is not None:
         from vllm import _custom_ops
 
