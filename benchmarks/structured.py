@@ -97,7 +97,8 @@ def in_language(backend, schema, token_ids: list[int], finished: bool) -> bool:
 KINDS = [f"{b} {e}" for e in ("exact", "approximated") for b in ("llguidance", "xgrammar")]
 
 
-def validity(llm, backend, sample: dict[str, list[str]], max_tokens: int) -> list[dict]:
+def validity(llm, backend, sample: dict[str, list[str]], max_tokens: int,
+             on_split=lambda rows: None) -> list[dict]:
     """Per split and temperature: every output must be in its grammar's language; finished
     outputs of schemas compiled exactly must be schema-valid. Outputs are counted by the
     compiler and exactness their response reports (`kv_transfer_params.blockdiff.grammar`),
@@ -149,6 +150,7 @@ def validity(llm, backend, sample: dict[str, list[str]], max_tokens: int) -> lis
                     failures.append({"schema": name, "kind": kind, "error": error[:200]})
             rows.append({"split": split, "temperature": temperature, "requests": len(schemas),
                          **row, "failures": failures})
+        on_split(rows)  # results so far survive a run cut short by a time limit
     return rows
 
 
@@ -223,7 +225,8 @@ def main() -> None:
     llm = engine(a.model, a.backend)
     if not a.speed_only:
         started = time.perf_counter()
-        valid_rows = validity(llm, backend, sample, a.max_tokens)
+        valid_rows = validity(llm, backend, sample, a.max_tokens,
+                              lambda rows: _write(a, cov, rows, fast))
         print(f"validity in {time.perf_counter() - started:.0f} s")
     print(f"\n{'split':16} {'T':>3} {'requests':>8} {'in grammar':>10} {'finished':>8}  " +
           "  ".join(f"{k:>23}" for k in KINDS) + "   (valid/finished of requests)")
