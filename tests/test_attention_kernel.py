@@ -82,7 +82,9 @@ BF16 = pytest.mark.skipif(DEVICE == "cpu", reason="Triton's interpreter lacks bf
     (128, 4, 4, 32, torch.float16, 8192),
     pytest.param(128, 4, 4, 32, torch.bfloat16, 8192, marks=BF16),
 ])
-def test_sub_block_queries_see_their_whole_block(head_dim, heads, kv_heads, page, dtype, context):
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_sub_block_queries_see_their_whole_block(head_dim, heads, kv_heads, page, dtype, context,
+                                                 num_splits):
     queries = [(context + 8, 8, 32, 3, context + 32), *SUB_BLOCK[1:]]
     c = _case(heads, kv_heads, head_dim, page, queries, dtype)
     write_kv_cache(c["k_new"], c["v_new"], c["kc"], c["vc"], c["slots"])
@@ -90,12 +92,16 @@ def test_sub_block_queries_see_their_whole_block(head_dim, heads, kv_heads, page
     expected, got = torch.zeros_like(c["q"]), torch.zeros_like(c["q"])
     meta = (c["qsl"], c["seq_lens"], c["table"], *c["ranges"], head_dim ** -0.5)
     paged_block_causal_attention_torch(c["q"], c["kc"], c["vc"], expected, *meta)
-    paged_block_causal_attention_triton(c["q"], c["kc"], c["vc"], got, *meta, 8)
+    paged_block_causal_attention_triton(c["q"], c["kc"], c["vc"], got, *meta, 8,
+                                        num_splits=num_splits)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_torch(case):
+def test_kernel_matches_torch(case, num_splits):
+    """One pass over each tile's keys, or split-K: the keys divided between programs (some of
+    them with no keys at all for short requests) and merged."""
     c = _case(**case, dtype=torch.float32)
     write_kv_cache(c["k_new"], c["v_new"], c["kc"], c["vc"], c["slots"])
     expected = torch.zeros_like(c["q"])
@@ -104,12 +110,13 @@ def test_kernel_matches_torch(case):
     meta = (c["qsl"], c["seq_lens"], c["table"], *c["ranges"], 0.125)
     paged_block_causal_attention_torch(c["q"], *args, expected, *meta)
     max_q = max(n for _, n, *_ in c["queries"])
-    paged_block_causal_attention_triton(c["q"], *args, got, *meta, max_q)
+    paged_block_causal_attention_triton(c["q"], *args, got, *meta, max_q,
+                                        num_splits=num_splits)
     torch.testing.assert_close(got, expected, atol=2e-5 if DEVICE == "cpu" else 2e-3, rtol=1e-3)
 
 
-@pytest.mark.parametrize("tile_hint", [1, 4, 64])
-def test_kernel_launch_is_independent_of_the_batch_shape(tile_hint):
+@pytest.mark.parametrize("tile_hint,num_splits", [(1, 1), (4, 1), (64, 1), (4, 4)])
+def test_kernel_launch_is_independent_of_the_batch_shape(tile_hint, num_splits):
     """What a FULL CUDA graph replays: a launch sized for padded token and request counts, with
     any tile-height hint, gives the same result for the real requests (padding tokens belong to
     no request, as in vLLM's padded batches, and are left alone)."""
@@ -126,9 +133,10 @@ def test_kernel_launch_is_independent_of_the_batch_shape(tile_hint):
                                        c["seq_lens"], c["table"], *c["ranges"], 0.125)
     got = torch.full_like(q, float("nan"))
     paged_block_causal_attention_triton(q, c["kc"], c["vc"], got, qsl, seq_lens, table, *ranges,
-                                        0.125, tile_hint)
+                                        0.125, tile_hint, num_splits=num_splits)
     torch.testing.assert_close(got[:t], expected, atol=2e-5 if DEVICE == "cpu" else 2e-3,
                                rtol=1e-3)
+    assert got[t:].isnan().all()  # padding tokens are left alone
 
 
 def test_torch_path_is_block_causal_attention():

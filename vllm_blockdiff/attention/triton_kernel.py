@@ -13,6 +13,13 @@ query lengths: program i finds its request and tile by binary search over `query
 (request r owns the tiles from `query_start_loc[r] // BLOCK_Q + r` on). One captured launch is
 therefore valid for every batch of that size, so the kernel runs inside FULL CUDA graphs for
 mixed batches (prefill chunks, denoising steps, block commits and drafts together).
+
+With `num_splits` > 1 (split-K, as in flash-decoding) a third grid axis divides each tile's keys
+into that many ranges; every program writes its partial softmax state (running max, sum,
+unnormalised output) and `_combine_splits_kernel` merges them. A small batch then occupies more
+than tiles x KV heads programs. The split count is a launch constant, so a captured graph stays
+valid; the reduction order then depends on the launch, not only on the request, which is why the
+backend keeps one split until a measurement picks the launches that gain from more.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ import triton.language as tl
 @triton.jit
 def _paged_block_causal_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    part_ptr, stats_ptr,  # split-K partials: [S, T, H, head_size] output, [2, S, T, H] max, sum
     query_start_loc_ptr, block_table_ptr, kv_limit_ptr, skip_start_ptr,
     skip_end_ptr,
     scale,
     num_reqs,
+    num_tokens,
+    num_heads,
     stride_qt, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
@@ -42,9 +52,11 @@ def _paged_block_causal_attn_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" keeps float32 models exact (no TF32)
+    NUM_SPLITS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
 
     # The last request whose first tile is at or before this one; request r's tiles start at
     # query_start_loc[r] // BLOCK_Q + r, which leaves room for its cdiv(q_len, BLOCK_Q) tiles.
@@ -89,9 +101,13 @@ def _paged_block_causal_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = scale * 1.4426950408889634  # log2(e): the softmax uses exp2
 
-    for n0 in range(0, kv_end, BLOCK_N):
+    # This program's keys: all of them, or its split's share in whole tiles.
+    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    n_lo = split * chunk
+    n_hi = tl.minimum(n_lo + chunk, kv_end)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        pos_valid = pos < kv_end
+        pos_valid = pos < n_hi
         page_ptr = block_table_ptr + req * stride_bt + pos // page_size
         page = tl.load(page_ptr, mask=pos_valid, other=0)
         page = page.to(tl.int64)
@@ -122,12 +138,53 @@ def _paged_block_causal_attn_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(
-        out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=row_valid[:, None] & dim_valid[None, :],
-    )
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & dim_valid[None, :],
+        )
+    else:  # a split with no keys stores max -inf and sum 0: the merge gives it no weight
+        row = (split * num_tokens + t) * num_heads + head
+        tl.store(part_ptr + row[:, None] * head_size + dims[None, :], acc,
+                 mask=row_valid[:, None] & dim_valid[None, :])
+        tl.store(stats_ptr + row, m_i, mask=row_valid)
+        tl.store(stats_ptr + NUM_SPLITS * num_tokens * num_heads + row, l_i, mask=row_valid)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_ptr, stats_ptr, out_ptr, query_start_loc_ptr,
+    num_reqs, num_tokens, num_heads,
+    stride_ot, stride_oh,
+    head_size: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One (token, query head): the splits' partial softmax states merged in split order.
+    Padding tokens (past the last request's query) are left alone, as the main kernel does."""
+    t = tl.program_id(0)
+    head = tl.program_id(1)
+    if t >= tl.load(query_start_loc_ptr + num_reqs):
+        return
+    splits = tl.arange(0, BLOCK_S)
+    split_valid = splits < NUM_SPLITS
+    row = (splits * num_tokens + t).to(tl.int64) * num_heads + head
+    m = tl.load(stats_ptr + row, mask=split_valid, other=float("-inf"))
+    l_s = tl.load(stats_ptr + NUM_SPLITS * num_tokens * num_heads + row, mask=split_valid,
+                  other=0.0)
+    m_max = tl.max(m, axis=0)
+    weight = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    total = tl.sum(weight * l_s, axis=0)
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < head_size
+    acc = tl.load(part_ptr + row[:, None] * head_size + dims[None, :],
+                  mask=split_valid[:, None] & dim_valid[None, :], other=0.0)
+    out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + head * stride_oh + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dim_valid)
 
 
 def paged_block_causal_attention_triton(
@@ -145,9 +202,11 @@ def paged_block_causal_attention_triton(
     max_query_len: int,
     block_q: int = 16,
     block_n: int = 64,
+    num_splits: int = 1,
 ) -> None:
     """`max_query_len` only tunes the tile height; any value gives correct results, so a graph
-    captured with one replays correctly for batches with others."""
+    captured with one replays correctly for batches with others. `num_splits` > 1 divides each
+    tile's keys between that many programs (split-K) and merges their results."""
     num_reqs = seq_lens.shape[0]
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -157,12 +216,20 @@ def paged_block_causal_attention_triton(
     # Keep the tile's row count (tokens x grouped heads) at least 16 for tl.dot.
     while block_q * block_g < 16:
         block_q *= 2
-    grid = (num_tokens // block_q + num_reqs, num_kv_heads)
+    grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
+    part = stats = output  # unused with one split
+    if num_splits > 1:
+        part = torch.empty(num_splits, num_tokens, num_heads, head_size, dtype=torch.float32,
+                           device=query.device)
+        stats = torch.empty(2, num_splits, num_tokens, num_heads, dtype=torch.float32,
+                            device=query.device)
     _paged_block_causal_attn_kernel[grid](
-        query, key_cache, value_cache, output,
+        query, key_cache, value_cache, output, part, stats,
         query_start_loc, block_table, kv_limit, skip_start, skip_end,
         scale,
         num_reqs,
+        num_tokens,
+        num_heads,
         query.stride(0), query.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -176,4 +243,15 @@ def paged_block_causal_attention_triton(
         BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_size),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        NUM_SPLITS=num_splits,
     )
+    if num_splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads)](
+            part, stats, output, query_start_loc,
+            num_reqs, num_tokens, num_heads,
+            output.stride(0), output.stride(1),
+            head_size=head_size,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(head_size),
+        )
