@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The token count changes with every batch: no recompilation for its divisibility.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _paged_block_causal_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     part_ptr, stats_ptr,  # split-K partials: [S, T, H, head_size] output, [2, S, T, H] max, sum
@@ -153,7 +154,7 @@ def _paged_block_causal_attn_kernel(
         tl.store(stats_ptr + NUM_SPLITS * num_tokens * num_heads + row, l_i, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _combine_splits_kernel(
     part_ptr, stats_ptr, out_ptr, query_start_loc_ptr,
     num_reqs, num_tokens, num_heads,
