@@ -2,10 +2,10 @@
 # vLLM's `suffix` proposer imports `arctic_inference.suffix_decoding` (Snowflake's
 # ArcticInference, Apache-2.0). Its PyPI release is a source distribution whose full build also
 # registers a vLLM plugin that patches vLLM, so this builds only the suffix-tree extension (C++,
-# nanobind) into .suffix/ (git-ignored), for the proposer benchmark:
+# nanobind) into .suffix/ (git-ignored), which the proposer benchmark puts on its path:
 #
 #   bash scripts/build_suffix_decoding.sh
-#   PYTHONPATH=.suffix python benchmarks/proposers.py
+#   python benchmarks/proposers.py
 set -euo pipefail
 py=$(realpath "${PYTHON:-.venv/bin/python}")
 version=0.3.0
