@@ -197,3 +197,7 @@ def test_sampler_graph_path_equals_reference(llm_graphs, tiny_sdar, reference):
     keys = llm_graphs.collective_rpc(_graph_keys)[0]
     assert ("static", False, 1) in keys and ("entropy", True, 8) in keys, keys
     assert not any(name == "dynamic" for name, _, _ in keys)
+    # The default policy's graphs exist for every padded request count from start-up on (no
+    # batch above asked for 2, 16, 32 or 64 requests).
+    default = {size for name, _, size in keys if name == SERVE.policy}
+    assert default == {1 << k for k in range(7)}, keys

@@ -90,7 +90,8 @@ class BlockDiffusionModelState(DefaultModelState):
                                      self.max_model_len, self.serve.canvas_length,
                                      max_logit_rows=self.max_num_tokens,
                                      cuda_graphs=graphs,
-                                     shifted_logits=self.serve.shifted_logits), None
+                                     shifted_logits=self.serve.shifted_logits,
+                                     default_policy=self.serve.policy), None
 
     def prepare_inputs(self, input_batch: InputBatch, req_states: RequestState) -> dict[str, Any]:
         """Take every known query token from the request's token history; place drafts.

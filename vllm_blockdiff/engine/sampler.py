@@ -241,6 +241,7 @@ class BlockDiffusionSampler:
         max_logit_rows: int = 0,
         cuda_graphs: bool = False,
         shifted_logits: bool = False,
+        default_policy: str | None = None,
     ):
         self.base = base
         self.sampling_states = base.sampling_states
@@ -258,6 +259,8 @@ class BlockDiffusionSampler:
         self._mask_pool = ThreadPoolExecutor(max_workers=min(8, max(1, (os.cpu_count() or 2) // 2)),
                                              thread_name_prefix="blockdiff-mask")
         self._graphs = TailGraphs(self, max_logit_rows) if cuda_graphs else None
+        if self._graphs is not None and default_policy is not None:
+            self._graphs.capture(default_policy)
 
     def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
         self.base.sampling_states.add_request(req_idx, sampling_params)
@@ -662,7 +665,9 @@ class TailGraphs:
     first) and the proposals are copied in; padding rows are inert requests on the block
     state's scratch slot. A graph is captured the first time `key` names it, from inert inputs,
     before that step's upload: capturing runs the tail once for warm-up, which then touches
-    only the scratch slot.
+    only the scratch slot. The server's default policy has its graphs for every request count
+    captured at start-up (`capture`), before vLLM profiles memory, so they are counted outside
+    the KV cache and no served step waits for a capture; other policies are captured on first use.
     Off CUDA the same buffers and padding run eagerly, so CPU tests cover everything but the
     capture.
     """
@@ -695,9 +700,18 @@ class TailGraphs:
                 or plan.constrained.any() or len(plan.rows[0]) > self._tokens.shape[0]):
             return None
         key = plan.groups[0][0], need_entropy, self._size(len(plan.slots))
-        if key not in self._graphs:  # before the step's upload: capturing writes inert inputs
-            self._graphs[key] = self._capture(*key)
+        self._ensure(key)  # before the step's upload: capturing writes inert inputs
         return key
+
+    def capture(self, policy: str) -> None:
+        """`policy`'s graphs for every padded request count, up front (the graph-safe ones)."""
+        if POLICIES[policy].graph_safe:
+            for bits in range(self.max_size.bit_length()):
+                self._ensure((policy, POLICIES[policy].needs_entropy, 1 << bits))
+
+    def _ensure(self, key: tuple[str, bool, int]) -> None:
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(*key)
 
     def replay(self, key: tuple[str, bool, int], proposals: tuple) -> _Tail:
         """The step's tail from its graph; the plan was uploaded into `inputs` (`_upload`)."""
