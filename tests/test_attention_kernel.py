@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vllm_blockdiff.attention.ops import paged_block_causal_attention_torch, write_kv_cache
-from vllm_blockdiff.attention.triton_kernel import paged_block_causal_attention_triton
+from vllm_blockdiff.attention.triton_kernel import auto_splits, paged_block_causal_attention_triton
 from vllm_blockdiff.engine.layout import token_layout
 from vllm_blockdiff.reference.modeling import block_causal_mask
 
@@ -97,7 +97,8 @@ def test_sub_block_queries_see_their_whole_block(head_dim, heads, kv_heads, page
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 8])
+# None: as served, the split count chosen by the launch's size (it asks the GPU its SM count).
+@pytest.mark.parametrize("num_splits", [1, 3, 8] + ([None] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_torch(case, num_splits):
     """One pass over each tile's keys, or split-K: the keys divided between programs (some of
@@ -137,6 +138,14 @@ def test_kernel_launch_is_independent_of_the_batch_shape(tile_hint, num_splits):
     torch.testing.assert_close(got[:t], expected, atol=2e-5 if DEVICE == "cpu" else 2e-3,
                                rtol=1e-3)
     assert got[t:].isnan().all()  # padding tokens are left alone
+
+
+def test_auto_splits_fill_one_wave():
+    """Splits double while a launch's programs still fit one wave of SMs: one tile of 8 KV heads
+    on a 132-SM card gets 16 (128 programs), of 4 KV heads the cap of 16, 16 tiles of 4 KV heads
+    2, and launches that fill the card (or a card with few SMs) one."""
+    assert [auto_splits(1, 8, 132), auto_splits(1, 4, 132), auto_splits(16, 4, 132)] == [16, 16, 2]
+    assert auto_splits(64, 8, 132) == auto_splits(1, 8, 8) == 1
 
 
 def test_torch_path_is_block_causal_attention():

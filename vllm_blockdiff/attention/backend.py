@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import vllm.envs as envs
 from vllm.config import VllmConfig
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -158,6 +159,8 @@ class BlockDiffusionAttentionImpl(AttentionImpl[BlockDiffusionAttentionMetadata]
             attn_metadata.skip_end[:n],
             self.scale,
             attn_metadata.max_query_len,
+            # Split-K makes a row's reduction order depend on its batch's size.
+            num_splits=1 if envs.VLLM_BATCH_INVARIANT else None,
         )
         return output
 
@@ -200,9 +203,9 @@ class BlockDiffusionAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_batch_invariance(cls) -> bool:
-        """A token's output depends only on its own request's keys, tiled from the request's
-        query start in a fixed order (`triton_kernel.py`): vLLM's VLLM_BATCH_INVARIANT=1 mode
-        may select this backend."""
+        """With one split (as `forward` launches under VLLM_BATCH_INVARIANT=1), a token's output
+        depends only on its own request's keys, tiled from the request's query start in a fixed
+        order (`triton_kernel.py`)."""
         return True
 
     @classmethod

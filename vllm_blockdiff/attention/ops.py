@@ -86,13 +86,16 @@ def paged_block_causal_attention(
     skip_end: torch.Tensor,
     scale: float,
     max_query_len: int,
+    num_splits: int | None = None,
 ) -> None:
+    """On CUDA the Triton kernel (`num_splits`: its split-K count, None to choose by the
+    launch's size), elsewhere the PyTorch reference."""
     if query.is_cuda:
         from vllm_blockdiff.attention.triton_kernel import paged_block_causal_attention_triton
 
         paged_block_causal_attention_triton(
             query, key_cache, value_cache, output, query_start_loc, seq_lens, block_table,
-            kv_limit, skip_start, skip_end, scale, max_query_len,
+            kv_limit, skip_start, skip_end, scale, max_query_len, num_splits=num_splits,
         )
     else:
         paged_block_causal_attention_torch(

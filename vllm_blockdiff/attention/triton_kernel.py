@@ -18,11 +18,16 @@ With `num_splits` > 1 (split-K, as in flash-decoding) a third grid axis divides 
 into that many ranges; every program writes its partial softmax state (running max, sum,
 unnormalised output) and `_combine_splits_kernel` merges them. A small batch then occupies more
 than tiles x KV heads programs. The split count is a launch constant, so a captured graph stays
-valid; the reduction order then depends on the launch, not only on the request, which is why the
-backend keeps one split until a measurement picks the launches that gain from more.
+valid. By default (`auto_splits`) it grows while the launch fills less than one wave of the
+GPU's SMs: small decode batches, whose few programs would otherwise each stream a long context
+alone, get up to 16 splits; prefills and large batches keep one. A row's reduction order then
+depends on its batch's size, as in vLLM's unified attention (its 3D kernel for small decode
+batches), so the backend uses one split under VLLM_BATCH_INVARIANT.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import triton
@@ -188,6 +193,23 @@ def _combine_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=dim_valid)
 
 
+MAX_SPLITS = 16
+
+
+@cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def auto_splits(num_tiles: int, num_kv_heads: int, num_sms: int) -> int:
+    """The most splits (a power of two, at most MAX_SPLITS) with which `num_tiles` query tiles
+    per KV head still fit one wave of `num_sms` programs."""
+    splits = 1
+    while splits < MAX_SPLITS and num_tiles * num_kv_heads * splits * 2 <= num_sms:
+        splits *= 2
+    return splits
+
+
 def paged_block_causal_attention_triton(
     query: torch.Tensor,  # [T, H, D]
     key_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
@@ -203,11 +225,12 @@ def paged_block_causal_attention_triton(
     max_query_len: int,
     block_q: int = 16,
     block_n: int = 64,
-    num_splits: int = 1,
+    num_splits: int | None = None,
 ) -> None:
     """`max_query_len` only tunes the tile height; any value gives correct results, so a graph
     captured with one replays correctly for batches with others. `num_splits` > 1 divides each
-    tile's keys between that many programs (split-K) and merges their results."""
+    tile's keys between that many programs (split-K) and merges their results; None chooses
+    it from the launch's size (`auto_splits`)."""
     num_reqs = seq_lens.shape[0]
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -217,6 +240,9 @@ def paged_block_causal_attention_triton(
     # Keep the tile's row count (tokens x grouped heads) at least 16 for tl.dot.
     while block_q * block_g < 16:
         block_q *= 2
+    if num_splits is None:  # the programs that have work: a tile per request at least
+        tiles = max(num_reqs, triton.cdiv(num_tokens, block_q))
+        num_splits = auto_splits(tiles, num_kv_heads, _num_sms(query.device))
     grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
     part = stats = output  # unused with one split
     if num_splits > 1:
