@@ -10,7 +10,7 @@
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
 #               (MODES, CONFIGS select the runs, NO_AR=1 skips the AR twin; PYPROFILE=1 adds
 #               host time by Python function)
-#     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256
+#     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256 (TP_ARGS, TP_TAG)
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
 #     cache     benchmarks/subblock_cache.py: the sub-block cache on and off, same shape, batch 1-64
@@ -62,9 +62,12 @@ for step in "$@"; do
         > "$OUT/step_profile.log" 2>&1
       echo "profile rc=$?"; tail -60 "$OUT/step_profile.log" ;;
     throughput)
+      # TP_ARGS: further throughput.py options (the last of a repeated option wins); TP_TAG
+      # names the result files (several runs in one call).
       (cd benchmarks && timeout ${TP_S:-560} python3 throughput.py --shape qwen3-1.7b \
-        --max-tokens 64 --out "$OUT/throughput_$card.json") > "$OUT/throughput.log" 2>&1
-      echo "throughput rc=$?"; tail -32 "$OUT/throughput.log" ;;
+        --max-tokens 64 --out "$OUT/throughput_$card${TP_TAG:-}.json" ${TP_ARGS:-}) \
+        > "$OUT/throughput${TP_TAG:-}.log" 2>&1
+      echo "throughput rc=$?"; tail -${TP_TAIL:-32} "$OUT/throughput${TP_TAG:-}.log" ;;
     subblock)
       (cd benchmarks && timeout 240 python3 subblock_attention.py \
         --out "$OUT/subblock_attention_$card.json") > "$OUT/subblock_attention.log" 2>&1
