@@ -7,8 +7,10 @@ config keys; `--shape qwen2.5-1.5b` on the GPU: that shape with random weights) 
 forward, forwards, tokens per forward and output tok/s, for B / sub-block 32/8 and 16/4, cache on
 and off, at each `--batch`.
 How much the cache saves depends on the steps each sub-block takes (the reference refreshes the
-whole block at each sub-block's start), so the model matters: a random model is unsure and
-takes many steps per sub-block. Prints a table and writes JSON.
+whole block at each sub-block's start), so the model and the threshold matter: a random model
+is unsure and takes many steps per sub-block, a trained one few; `--thresholds` sweeps the
+policy's threshold to show the saving against steps per sub-block. Prints a table and writes
+JSON.
 
     python benchmarks/subblock_cache.py --out benchmarks/results/subblock_cache_cpu_tiny.json
     python benchmarks/subblock_cache.py --shape qwen2.5-1.5b --batch 1 16 64   # GPU
@@ -58,6 +60,8 @@ def main() -> None:
     parser.add_argument("--tasks", default=None,
                         help="prompts from these testbed tasks (a trained testbed --model), "
                              "decoded until EOS; default: synthetic prompts, EOS ignored")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9],
+                        help="the subblock policy's confidence thresholds to run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -79,12 +83,13 @@ def main() -> None:
     prompts = synthetic_prompts(max(args.batch)) if args.tasks is None else \
         testbed_prompts(model, args.tasks.split(","), max(args.batch))
     rows = []
-    print("B/sub | cache | batch | query tok / out tok | query tok / fwd | forwards | tok / fwd "
-          "| tok/s")
-    for (block, sub), batch, cache in ((c, b, k) for c in CONFIGS for b in args.batch
-                                       for k in (False, True)):
+    print("threshold | B/sub | cache | batch | query tok / out tok | query tok / fwd | forwards "
+          "| fwd / sub-block | tok / fwd | tok/s")
+    runs = ((t, c, b, k) for t in args.thresholds for c in CONFIGS for b in args.batch
+            for k in (False, True))
+    for threshold, (block, sub), batch, cache in runs:
         xargs = {"policy": "subblock", "block_length": block, "sub_block_length": sub,
-                 "use_block_cache": cache}
+                 "use_block_cache": cache, "threshold": threshold}
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
                                 ignore_eos=args.tasks is None, extra_args=xargs)
         # Warm-up at the measured batch size (tail graphs are captured per padded request count
@@ -97,19 +102,25 @@ def main() -> None:
         query = sum(s["query_tokens"] for s in stats)
         forwards = sum(s["forwards"] for s in stats)
         tokens = sum(s["output_tokens"] for s in stats)
-        row = {"block_length": block, "sub_block_length": sub, "use_block_cache": cache,
-               "batch": batch, "query_tokens": query, "forwards": forwards,
-               "output_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)}
+        row = {"threshold": threshold, "block_length": block, "sub_block_length": sub,
+               "use_block_cache": cache, "batch": batch, "query_tokens": query,
+               "forwards": forwards, "output_tokens": tokens,
+               "tokens_per_s": round(tokens / seconds, 1)}
         rows.append(row)
-        print(f"{block:2d}/{sub} | {'on ' if cache else 'off'} | {batch:5d} | "
+        per_sub = forwards / (-(-tokens // sub))  # forwards per sub-block of output, about
+        print(f"{threshold:9.3f} | {block:2d}/{sub} | {'on ' if cache else 'off'} | {batch:5d} | "
               f"{query / tokens:19.2f} | {query / forwards:15.2f} | {forwards:8d} | "
-              f"{tokens / forwards:9.2f} | {row['tokens_per_s']:.1f}", flush=True)
-    for (block, sub), batch in ((c, b) for c in CONFIGS for b in args.batch):
-        off, on = (next(r for r in rows if (r["block_length"], r["batch"]) == (block, batch)
-                        and r["use_block_cache"] == c) for c in (False, True))
+              f"{per_sub:15.2f} | {tokens / forwards:9.2f} | {row['tokens_per_s']:.1f}",
+              flush=True)
+    for threshold, (block, sub), batch in ((t, c, b) for t in args.thresholds for c in CONFIGS
+                                           for b in args.batch):
+        off, on = (next(r for r in rows if (r["threshold"], r["block_length"], r["batch"])
+                        == (threshold, block, batch) and r["use_block_cache"] == c)
+                   for c in (False, True))
         ratio = (off["query_tokens"] / off["forwards"]) / (on["query_tokens"] / on["forwards"])
-        print(f"B={block}/sub-block {sub}, batch {batch}: {ratio:.2f}x fewer query tokens per "
-              f"forward, {on['tokens_per_s'] / off['tokens_per_s']:.2f}x tok/s with the cache")
+        print(f"threshold {threshold}, B={block}/sub-block {sub}, batch {batch}: {ratio:.2f}x "
+              f"fewer query tokens per forward, {on['tokens_per_s'] / off['tokens_per_s']:.2f}x "
+              f"tok/s with the cache")
     if args.out:
         name = args.model or args.shape or "tiny random"
         Path(args.out).write_text(json.dumps({"model": name, "tasks": args.tasks,
