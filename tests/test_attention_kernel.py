@@ -140,12 +140,12 @@ def test_kernel_launch_is_independent_of_the_batch_shape(tile_hint, num_splits):
     assert got[t:].isnan().all()  # padding tokens are left alone
 
 
-def test_auto_splits_fill_one_wave():
-    """Splits double while a launch's programs still fit one wave of SMs: one tile of 8 KV heads
-    on a 132-SM card gets 16 (128 programs), of 4 KV heads the cap of 16, 16 tiles of 4 KV heads
-    2, and launches that fill the card (or a card with few SMs) one."""
-    assert [auto_splits(1, 8, 132), auto_splits(1, 4, 132), auto_splits(16, 4, 132)] == [16, 16, 2]
-    assert auto_splits(64, 8, 132) == auto_splits(1, 8, 8) == 1
+def test_auto_splits_fill_two_waves():
+    """Splits double while a launch's programs still fit two waves of SMs: on a 132-SM card one
+    tile of 8 or 4 KV heads gets the cap of 16, 16 tiles of 4 KV heads 4, and launches that fill
+    the card (or a card with few SMs) one."""
+    assert [auto_splits(1, 8, 132), auto_splits(1, 4, 132), auto_splits(16, 4, 132)] == [16, 16, 4]
+    assert auto_splits(64, 8, 132) == auto_splits(1, 8, 4) == 1
 
 
 def test_torch_path_is_block_causal_attention():
