@@ -204,7 +204,7 @@ def _num_sms(device: torch.device) -> int:
 def auto_splits(num_tiles: int, num_kv_heads: int, num_sms: int) -> int:
     """The most splits (a power of two, at most MAX_SPLITS) with which `num_tiles` query tiles
     per KV head still fit two waves of `num_sms` programs. Two, not one: on an H100 a batch of
-    16 sub-blocks over 4-32k contexts (64 programs) ran fastest with 4 splits, 1.0-1.5x faster
+    16 sub-blocks over 4-32k contexts (64 programs) ran fastest with 4 splits, 1.2-1.5x faster
     than with 2 (`benchmarks/subblock_attention.py`)."""
     splits = 1
     while splits < MAX_SPLITS and num_tiles * num_kv_heads * splits * 2 <= 2 * num_sms:
