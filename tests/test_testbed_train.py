@@ -302,3 +302,16 @@ def test_budget_mode_picks_steps_that_reproduce_exactly():
     budgeted = train(budget_s=1.0)
     assert budgeted.steps >= base["warmup"] and len(budgeted.losses) == budgeted.steps
     assert train(steps=budgeted.steps).losses == budgeted.losses
+
+
+def test_evaluate_command_scores_the_bundled_model(tmp_path):
+    """`python -m vllm_blockdiff.testbed.evaluate` scores a checkpoint and writes its JSON: the
+    bundled SDAR model solves a few held-out arithmetic examples."""
+    from vllm_blockdiff.testbed.evaluate import main
+
+    out = tmp_path / "scores.json"
+    model = Path(__file__).parents[1] / "examples" / "models" / "sdar-testbed"
+    scores = main(["--model", str(model), "--arch", "sdar",
+                   "--tasks", "arithmetic", "--n", "4", "--seed", "1", "--out", str(out)])
+    assert scores["arithmetic"].correct == 4
+    assert json.loads(out.read_text())["scores"]["arithmetic"]["n"] == 4

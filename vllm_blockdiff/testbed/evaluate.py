@@ -2,7 +2,11 @@
 
 SDAR checkpoints decode with `sdar_greedy` (one committed token per forward; Fast-dLLM v2 ones
 with its shifted logits), AR twins with `ar_greedy`; completions are scored by the task's exact
-scorer.
+scorer. As a command, it scores a checkpoint (e.g. two versions of a bundled model on more
+examples than training reports):
+
+    python -m vllm_blockdiff.testbed.evaluate --model examples/models/sdar-testbed --arch sdar \
+        --tasks json,arithmetic,lists --n 1000 --seed 1
 """
 
 from __future__ import annotations
@@ -82,3 +86,41 @@ def evaluate(
                    for e, o, c in zip(examples[:keep_samples], outputs, marks, strict=False)]
         results[task] = TaskScore(task, split, n, sum(marks), sum(marks) / max(n, 1), samples)
     return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, TaskScore]:
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from vllm_blockdiff.testbed.train import ARCHS
+
+    parser = argparse.ArgumentParser(description="Greedy accuracy of a testbed checkpoint.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--arch", choices=ARCHS, required=True)
+    parser.add_argument("--tasks", default=",".join(EXACT_TASKS))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--out", default=None, help="also write the scores as JSON here")
+    a = parser.parse_args(argv)
+    tok = Tokenizer.from_file(str(Path(a.model) / "tokenizer.json"))
+    model = CausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        scores = evaluate(model, tok, a.arch, a.tasks.split(","), a.split, a.n, a.seed,
+                          a.block_size)
+    for s in scores.values():
+        print(f"{s.task} {s.split}: {s.correct}/{s.n} = {s.accuracy:.3f}")
+    if a.out:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        Path(a.out).write_text(json.dumps({"argv": argv, "scores": msgspec.to_builtins(scores)},
+                                          indent=1))
+    return scores
+
+
+if __name__ == "__main__":
+    main()
