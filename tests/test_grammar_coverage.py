@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from vllm_blockdiff.grammar import XGrammarBackend
+from vllm_blockdiff.grammar import GrammarSpec, XGrammarBackend
+from vllm_blockdiff.grammar.backend import load_tokenizer
 from vllm_blockdiff.grammar.coverage import (
     UNUSABLE,
     check_schema_file,
+    closing_ids,
     coverage,
     load_schema,
     output_errors,
+    walk,
 )
 
 JSONSCHEMABENCH = Path("/work/shared/data/jsonschemabench")
@@ -119,3 +122,20 @@ def test_full_compile_agrees_with_validation(backend, bench):
     for r in sample:
         full = check_schema_file(backend, r.path, warnings=False, full=True)
         assert (full.compiled, full.error) == (r.compiled, r.error), r.path
+
+
+def test_walks_through_a_grammar(backend, tiny_sdar):
+    """Random walks through an exact grammar end complete and schema-valid; through one that
+    ignores a keyword (xgrammar drops `minLength` beside a `pattern`) they find outputs the
+    schema rejects."""
+    decode = load_tokenizer(tiny_sdar).decode
+    closing = closing_ids(decode, backend.vocab_size)
+    exact = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}},
+             "required": ["a"], "additionalProperties": False}
+    done, bad = walk(backend, backend.resolve(GrammarSpec.from_json(exact)), exact, 16, decode,
+                     closing)
+    assert done > 0 and bad == []
+    loose = {"type": "string", "pattern": "^[a-z]+$", "minLength": 6}
+    done, bad = walk(backend, backend.resolve(GrammarSpec.from_json(loose)), loose, 16, decode,
+                     closing)
+    assert done > 0 and any("is too short" in v for v in bad), bad

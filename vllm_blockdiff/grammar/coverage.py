@@ -13,9 +13,11 @@ whether the grammar approximates it (`xgrammar_gaps`, or a warning xgrammar logg
 the schema rejects, so they are counted apart. Warnings are read from the C++ log on file
 descriptor 2, which makes this module a benchmark helper: not thread-safe, not for the serving
 path. With `check`, candidate values (`instances`) are fed to a fresh matcher: every value the
-grammar accepts must be valid against the schema (`violations`).
-`python -m vllm_blockdiff.grammar.coverage TOKENIZER_DIR [ROOT] [--backend auto] [--check N]`
-prints the table.
+grammar accepts must be valid against the schema (`violations`). With `walks`, the grammar itself
+generates: random walks through its masks (`walk`) stand in for a model's outputs under it, and
+every walk that ends in a complete sentence must be schema-valid too.
+`python -m vllm_blockdiff.grammar.coverage TOKENIZER_DIR [ROOT] [--backend auto] [--check N]
+[--walks N]` prints the table.
 """
 
 from __future__ import annotations
@@ -23,17 +25,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import msgspec
+import numpy as np
 
-from vllm_blockdiff.grammar.backend import GrammarBackend
+from vllm_blockdiff.grammar import bitmask
+from vllm_blockdiff.grammar.backend import GrammarBackend, load_tokenizer
 from vllm_blockdiff.grammar.instances import candidates
 from vllm_blockdiff.grammar.spec import GrammarError, GrammarSpec
 
@@ -191,6 +196,51 @@ def soundness(backend: GrammarBackend, spec: GrammarSpec, schema: Any, result: S
                                    violations=tuple(violations))
 
 
+def closing_ids(decode: Callable[[list[int]], str], vocab_size: int) -> np.ndarray:
+    """[vocab_size] bool: the tokens whose text ends a string, array or object, or a value."""
+    return np.array([any(c in decode([i]) for c in '"}],') for i in range(vocab_size)])
+
+
+def walk(backend: GrammarBackend, spec: GrammarSpec, schema: Any, count: int,
+         decode: Callable[[list[int]], str], closing: np.ndarray, max_tokens: int = 256,
+         seed: int = 0) -> tuple[int, list[str]]:
+    """`count` random walks through the grammar of `spec`: each step takes a token its mask
+    allows (half of the time one of the `closing` ids, so that strings, arrays and objects end),
+    and once the text is a complete sentence the walk stops with probability 1/4 per step.
+    Returns the walks that ended complete and the texts among them `schema` rejects."""
+    rng = random.Random(seed)
+    matcher = backend.matcher(backend.compile(spec))
+    mask = bitmask.allocate(1, backend.vocab_size)
+    stops = np.asarray(matcher.stop_token_ids)
+    completed, violations = 0, []
+    for _ in range(count):
+        matcher.reset()
+        ids: list[int] = []
+        for _ in range(max_tokens):
+            if matcher.is_completed() and rng.random() < 0.25:
+                break
+            matcher.fill_bitmask(mask, 0)
+            allowed = np.flatnonzero(bitmask.to_bool(mask, backend.vocab_size)[0].numpy())
+            allowed = allowed[~np.isin(allowed, stops)]
+            if allowed.size == 0:
+                break
+            ending = allowed[closing[allowed]]
+            token = int(rng.choice(ending if ending.size and rng.random() < 0.5 else allowed))
+            if not matcher.accept(token):
+                violations.append(f"mask allowed {token} after {decode(ids)[:80]!r}, "
+                                  "accept refused")
+                break
+            ids.append(token)
+        if not matcher.is_completed():
+            continue
+        completed += 1
+        text = decode(ids)
+        error = output_errors(text, schema)
+        if error is not None and not error.startswith(UNUSABLE):
+            violations.append(f"{text[:120]}: {error[:120]}")
+    return completed, violations
+
+
 def split_coverage(backend: GrammarBackend, split_dir: str | Path, limit: int | None = None,
                    workers: int = 1, full: bool = False, check: int = 0) -> SplitCoverage:
     """Check every schema of one split (sorted; the first `limit` if given); `full` compiles,
@@ -249,9 +299,13 @@ def main() -> None:
     parser.add_argument("--check", type=int, default=0, metavar="N",
                         help="feed N candidate values per schema to a matcher; report accepted "
                              "values the schema rejects")
+    parser.add_argument("--walks", type=int, default=0, metavar="N",
+                        help="N random walks through each compiled schema's grammar; report "
+                             "complete ones the schema rejects")
     a = parser.parse_args()
     backend = make_backend(a.backend, a.tokenizer, a.vocab_size)
     result = coverage(backend, a.root, a.limit, a.workers, a.full, a.check)
+    walked = _walk_splits(backend, a.tokenizer, result, a.walks) if a.walks else {}
     columns = [f"{b} {e}" for e in ("exact", "approximated") for b in ("llguidance", "xgrammar")]
     print(f"{'split':16} {'schemas':>7} {'compiled':>8}  " + "  ".join(
         f"{k:>24}" for k in columns) + "   (of which rewritten)")
@@ -273,6 +327,33 @@ def main() -> None:
                 print(f"    {kind}: {len(bad)} schemas with accepted invalid values" +
                       "".join(f"\n      {Path(r.path).name}: {r.violations[0]}"
                               for r in bad[:5]))
+        for kind, (schemas, completed, bad) in walked.get(split.split, {}).items():
+            print(f"    walks, {kind}: {completed} complete over {schemas} schemas, "
+                  f"{len(bad)} schemas with an invalid one" +
+                  "".join(f"\n      {name}: {v}" for name, v in bad[:5]))
+
+
+def _walk_splits(backend: GrammarBackend, tokenizer: str, result: dict[str, SplitCoverage],
+                 count: int) -> dict[str, dict[str, tuple[int, int, list]]]:
+    """`walk` over every compiled schema: per split and kind (exact or approximated), the
+    schemas walked, the complete walks and the schemas with an invalid one (name, first)."""
+    decode = load_tokenizer(tokenizer).decode
+    closing = closing_ids(decode, backend.vocab_size)
+    out: dict[str, dict[str, tuple[int, int, list]]] = {}
+    for name, split in result.items():
+        kinds: dict[str, tuple[int, int, list]] = {}
+        for r in split.results:
+            if not r.compiled:
+                continue
+            schema = load_schema(r.path)
+            spec = backend.resolve(GrammarSpec.from_json(schema))
+            completed, violations = walk(backend, spec, schema, count, decode, closing)
+            kind = "exact" if r.exact else "approximated"
+            schemas, total, bad = kinds.get(kind, (0, 0, []))
+            bad += [(Path(r.path).name, violations[0])] if violations else []
+            kinds[kind] = (schemas + 1, total + completed, bad)
+        out[name] = kinds
+    return out
 
 
 if __name__ == "__main__":
