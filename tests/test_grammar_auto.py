@@ -43,6 +43,8 @@ AT_LEAST_ONE = {"type": "object", "properties": OBJECT["properties"], "minProper
       "$defs": {"s": {"type": "string"}, "o": {"type": "object"}}}, "llguidance", True, False),
     # decimal multipleOf: jsonschema's floating point disagrees with llguidance
     ({"type": "number", "multipleOf": 0.01}, "llguidance", False, True),
+    # llguidance's dates admit February 29 of every year, jsonschema's only of leap years
+    ({"type": "string", "format": "date"}, "llguidance", False, True),
     # xgrammar enforces it exactly
     (AT_LEAST_ONE, "xgrammar", False, False),
     # ... and propertyNames (llguidance: unimplemented) with required names under anyOf, once
