@@ -27,11 +27,10 @@ batches), so the backend uses one split under VLLM_BATCH_INVARIANT.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import triton
 import triton.language as tl
+from vllm.utils.platform_utils import num_compute_units
 
 
 # The token count changes with every batch: no recompilation for its divisibility.
@@ -196,11 +195,6 @@ def _combine_splits_kernel(
 MAX_SPLITS = 16
 
 
-@cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def auto_splits(num_tiles: int, num_kv_heads: int, num_sms: int) -> int:
     """The most splits (a power of two, at most MAX_SPLITS) with which `num_tiles` query tiles
     per KV head still fit two waves of `num_sms` programs. Two, not one: on an H100 a batch of
@@ -244,7 +238,7 @@ def paged_block_causal_attention_triton(
         block_q *= 2
     if num_splits is None:  # the programs that have work: a tile per request at least
         tiles = max(num_reqs, triton.cdiv(num_tokens, block_q))
-        num_splits = auto_splits(tiles, num_kv_heads, _num_sms(query.device))
+        num_splits = auto_splits(tiles, num_kv_heads, num_compute_units(query.get_device()))
     grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
     part = stats = output  # unused with one split
     if num_splits > 1:
