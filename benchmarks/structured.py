@@ -36,7 +36,7 @@ from vllm_blockdiff.grammar import BACKEND_NAMES, GrammarSpec, make_backend
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "jsonschemabench"
 
 
-def engine(model: str, grammar_backend: str):
+def engine(model: str, grammar_backend: str, gpu_share: float):
     from vllm import LLM
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -45,7 +45,7 @@ def engine(model: str, grammar_backend: str):
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     on_gpu = os.path.exists("/dev/nvidia0")
     return LLM(model, dtype="bfloat16" if on_gpu else "float32", max_model_len=1024,
-               gpu_memory_utilization=0.5 if on_gpu else 0.3, enforce_eager=not on_gpu,
+               gpu_memory_utilization=gpu_share if on_gpu else 0.3, enforce_eager=not on_gpu,
                max_num_seqs=256 if on_gpu else 64, seed=0,
                additional_config={"blockdiff": {"grammar_backend": grammar_backend}})
 
@@ -98,7 +98,7 @@ KINDS = [f"{b} {e}" for e in ("exact", "approximated") for b in ("llguidance", "
 
 
 def validity(llm, backend, sample: dict[str, list[str]], max_tokens: int,
-             on_split=lambda rows: None) -> list[dict]:
+             on_rows=lambda rows: None) -> list[dict]:
     """Per split and temperature: every output must be in its grammar's language; finished
     outputs of schemas compiled exactly must be schema-valid. Outputs are counted by the
     compiler and exactness their response reports (`kv_transfer_params.blockdiff.grammar`),
@@ -150,7 +150,7 @@ def validity(llm, backend, sample: dict[str, list[str]], max_tokens: int,
                     failures.append({"schema": name, "kind": kind, "error": error[:200]})
             rows.append({"split": split, "temperature": temperature, "requests": len(schemas),
                          **row, "failures": failures})
-        on_split(rows)  # results so far survive a run cut short by a time limit
+            on_rows(rows)  # results so far survive a run cut short by a time limit
     return rows
 
 
@@ -206,6 +206,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-share", type=float, default=0.5,
+                   help="gpu_memory_utilization on a GPU (engines side by side take less)")
     p.add_argument("--speed-only", action="store_true", help="skip coverage and validity")
     p.add_argument("--out", default=None,
                    help="default benchmarks/results/structured_BACKEND")
@@ -222,7 +224,7 @@ def main() -> None:
                                           None if a.full else a.per_split, a.seed)
         print("\n".join(c.summary() for c in cov.values()))
         print(f"coverage in {time.perf_counter() - started:.0f} s")
-    llm = engine(a.model, a.backend)
+    llm = engine(a.model, a.backend, a.gpu_share)
     if not a.speed_only:
         started = time.perf_counter()
         valid_rows = validity(llm, backend, sample, a.max_tokens,
