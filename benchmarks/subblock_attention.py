@@ -10,7 +10,8 @@ only: slightly less work on the same pages, which makes the comparison fair to v
 Achieved bandwidth counts the K/V bytes each request reads once (plus queries and outputs)
 against the card's HBM peak. The plugin's kernel runs as served (split-K count chosen by the
 launch's size, `auto_splits`) and at fixed counts of 1-16 splits; the best fixed count is reported.
-Every call is timed as replayed from a CUDA graph, as the plugin serves attention. The results
+Every call is timed as replayed from a CUDA graph, as the plugin serves attention, the replayed
+calls cycling through distinct copies of the case so that none is served from L2. The results
 of 2026-12-06 and before timed calls launched from Python (`--launch-timing`): no call took less
 than about 0.07 ms there, whatever its work, a floor that looks like the launch, not the kernel.
 
@@ -33,22 +34,26 @@ PEAK_TB_S = {"H100": 3.35, "H200": 4.8}
 
 
 REPLAYS = 10  # calls per captured graph, so that one replay's own cost is spread over them
+# Replayed calls read this many bytes of distinct copies of the case, so that a small case is
+# not served from L2 (50 MB on an H100, 60 MB on an H200) by the call before it.
+COLD_BYTES = 256 << 20
 
 
-def _time(fn, graph: bool, iters: int = 20) -> float:
-    """Median milliseconds of one `fn` call over CUDA events. With `graph`, as the plugin serves
-    attention (inside FULL CUDA graphs): REPLAYS calls captured in one graph and replayed, so
-    the host's launch cost is not counted; without, each call is launched from Python, whose
-    launch cost (tens of microseconds per Triton launch) small calls then measure."""
-    for _ in range(3):
+def _time(fns: list, graph: bool, iters: int = 20) -> float:
+    """Median milliseconds of one call over CUDA events. With `graph`, as the plugin serves
+    attention (inside FULL CUDA graphs): REPLAYS calls, cycling through `fns` (the same call on
+    distinct copies of its data), captured in one graph and replayed, so the host's launch cost
+    is not counted; without, `fns[0]` is launched from Python each time, whose launch cost (tens
+    of microseconds per Triton launch) small calls then measure."""
+    for fn in fns:
         fn()
     torch.cuda.synchronize()
-    call, per_call = fn, 1
+    call, per_call = fns[0], 1
     if graph:
         captured = torch.cuda.CUDAGraph()
         with torch.cuda.graph(captured):
-            for _ in range(REPLAYS):
-                fn()
+            for i in range(REPLAYS):
+                fns[i % len(fns)]()
         call, per_call = captured.replay, REPLAYS
     times = []
     for _ in range(iters):
@@ -78,42 +83,54 @@ def _case(batch: int, context: int, dtype: torch.dtype) -> dict:
                 skip=skip, keys=keys, sub_end=sub_end)
 
 
+def _bytes_read(batch: int, context: int, dtype: torch.dtype) -> int:
+    """K/V bytes each request reads once, plus queries and outputs."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return size * (2 * batch * (context + BLOCK) * KV_HEADS * HEAD_DIM + 2 * batch * SUB * HEADS
+                   * HEAD_DIM)
+
+
 def run(batch: int, context: int, dtype: torch.dtype, peak: float | None, graph: bool) -> dict:
-    c = _case(batch, context, dtype)
+    bytes_read = _bytes_read(batch, context, dtype)
+    copies = min(REPLAYS, -(-COLD_BYTES // bytes_read)) if graph else 1
+    cases = [_case(batch, context, dtype) for _ in range(copies)]
     scale = HEAD_DIM ** -0.5
-    out = torch.empty_like(c["q"])
 
-    def ours(num_splits: int | None = None):
+    def ours(c: dict, num_splits: int | None = None):
         paged_block_causal_attention_triton(
-            c["q"], c["kc"], c["vc"], out, c["qsl"], c["seq_lens"], c["table"], c["kv_limit"],
-            c["skip"], c["skip"], scale, SUB, num_splits=num_splits)
+            c["q"], c["kc"], c["vc"], c["out"], c["qsl"], c["seq_lens"], c["table"],
+            c["kv_limit"], c["skip"], c["skip"], scale, SUB, num_splits=num_splits)
 
-    # SDPA on the same keys, gathered once (untimed) into [batch, kv_heads, keys, dim].
-    k = c["kc"][c["table"].long()].flatten(1, 2)[:, :c["keys"]].transpose(1, 2).contiguous()
-    v = c["vc"][c["table"].long()].flatten(1, 2)[:, :c["keys"]].transpose(1, 2).contiguous()
-    q = c["q"].view(batch, SUB, HEADS, HEAD_DIM).transpose(1, 2)
+    def sdpa(c: dict):
+        F.scaled_dot_product_attention(c["sq"], c["sk"], c["sv"], scale=scale, enable_gqa=True)
 
-    def sdpa():
-        F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    for c in cases:
+        c["out"] = torch.empty_like(c["q"])
+        # SDPA on the same keys, gathered once (untimed) into [batch, kv_heads, keys, dim].
+        for name, cache in (("sk", c["kc"]), ("sv", c["vc"])):
+            gathered = cache[c["table"].long()].flatten(1, 2)[:, :c["keys"]]
+            c[name] = gathered.transpose(1, 2).contiguous()
+        c["sq"] = c["q"].view(batch, SUB, HEADS, HEAD_DIM).transpose(1, 2)
+
+    def each(fn, *args):
+        return [lambda c=c: fn(c, *args) for c in cases]
 
     row = {"batch": batch, "context": context, "dtype": str(dtype).removeprefix("torch."),
-           "timing": "graph" if graph else "launch",
-           "ours_ms": _time(ours, graph), "sdpa_ms": _time(sdpa, graph),
-           "ours_split_ms": {n: _time(lambda n=n: ours(n), graph) for n in SPLITS}}
+           "timing": "graph" if graph else "launch", "copies": copies,
+           "ours_ms": _time(each(ours), graph), "sdpa_ms": _time(each(sdpa), graph),
+           "ours_split_ms": {n: _time(each(ours, n), graph) for n in SPLITS}}
     row["best_splits"] = min(row["ours_split_ms"], key=row["ours_split_ms"].get)
     try:
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 
-        def vllm_unified():
-            unified_attention(c["q"], c["kc"], c["vc"], out, c["qsl"], SUB, c["seq_lens"],
+        def vllm_unified(c: dict):
+            unified_attention(c["q"], c["kc"], c["vc"], c["out"], c["qsl"], SUB, c["seq_lens"],
                               c["sub_end"], scale, True, (-1, -1), c["table"], 0, None, None,
                               None)
 
-        row["vllm_unified_ms"] = _time(vllm_unified, graph)
+        row["vllm_unified_ms"] = _time(each(vllm_unified), graph)
     except Exception as error:  # reported, not hidden: the row says why it is missing
         row["vllm_unified_error"] = f"{type(error).__name__}: {error}"[:200]
-    bytes_read = 2 * batch * c["keys"] * KV_HEADS * HEAD_DIM * c["kc"].element_size()
-    bytes_read += 2 * c["q"].numel() * c["q"].element_size()
     row["ours_tb_s"] = bytes_read / row["ours_ms"] / 1e9
     if peak:
         row["ours_roofline"] = row["ours_tb_s"] / peak
