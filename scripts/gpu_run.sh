@@ -12,6 +12,7 @@
 #               host time by Python function)
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256 (TP_ARGS, TP_TAG)
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
+#               (stopped after $SB_S seconds, rows written as they come)
 #     fastdllm  benchmarks/throughput.py --family fast_dllm: Qwen2.5-1.5B-shaped Fast-dLLM v2 vs AR
 #     cache     benchmarks/subblock_cache.py: the sub-block cache on and off, same shape, batch 1-64
 #     structured benchmarks/structured.py --full with the default grammar backend: every compiled
@@ -69,7 +70,7 @@ for step in "$@"; do
         > "$OUT/throughput${TP_TAG:-}.log" 2>&1
       echo "throughput rc=$?"; tail -${TP_TAIL:-32} "$OUT/throughput${TP_TAG:-}.log" ;;
     subblock)
-      (cd benchmarks && timeout 240 python3 subblock_attention.py \
+      (cd benchmarks && timeout ${SB_S:-240} python3 subblock_attention.py \
         --out "$OUT/subblock_attention_$card.json") > "$OUT/subblock_attention.log" 2>&1
       echo "subblock rc=$?"; tail -14 "$OUT/subblock_attention.log" ;;
     fastdllm)
