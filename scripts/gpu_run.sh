@@ -18,7 +18,7 @@
 #     structured benchmarks/structured.py --full with the default grammar backend: every compiled
 #               JSONSchemaBench schema of $JSB (the carried archive, unpacked), one engine per
 #               group of splits in $SPLITS ("a,b;c;d"), side by side, each writing its own JSON
-#               (after each split) and stopped after $SO_S seconds
+#               (after each temperature) and stopped after $SO_S seconds
 #     train_ar  the AR twins: Qwen3 on old + ParallelBench-style families, Qwen2 layout (AR_S)
 #     train_dllm SDAR and Fast-dLLM v2 adapted from the twins in $TWINS (DLLM_S)
 #
@@ -87,11 +87,12 @@ for step in "$@"; do
       # model leaves the GPU mostly idle, so three engines take about the time of one.
       jsb=${JSB:-.jsb/jsb.tgz}; mkdir -p /tmp/jsb && tar xzf "$src/$jsb" -C /tmp/jsb
       IFS=';' read -ra groups <<< "${SPLITS:-}"; n=${#groups[@]}; (( n )) || { groups=(""); n=1; }
+      share=$(python3 -c "print(round(0.8 / $n, 2))")  # of the card's memory, per engine
       for g in "${groups[@]}"; do
         name=${g//,/_}; name=${name:-all}
         (cd "$src" && timeout ${SO_S:-540} python3 benchmarks/structured.py \
           --model examples/models/sdar-testbed --full --splits "$g" --speed-skip \
-          --gpu-share "$(python3 -c "print(round(0.8 / $n, 2))")" \
+          --gpu-share "$share" \
           --schemas /tmp/jsb/jsonschemabench --out "$OUT/structured_${card}_$name") \
           > "$OUT/structured_$name.log" 2>&1 &
       done
