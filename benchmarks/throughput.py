@@ -5,11 +5,14 @@ Both engines load the same architecture shape (SDAR = Qwen3 + block-causal atten
 `load_format=dummy` random weights for model shapes whose checkpoints are not available here, so
 the comparison is of the serving path at a controlled tokens-per-forward: the `static` policy with
 `steps` S commits B / S tokens per forward whatever the weights. Per engine it also times the
-first token of a `--ttft-prompt-len` prompt (TTFT). Prints a table and writes JSON; each row
-names the card.
+first token of a `--ttft-prompt-len` prompt (TTFT). With `--scheduling sync,async` the diffusion
+engine is served twice, the second time with `--async-scheduling` (windows of two blocks planned
+while the previous step runs: `engine/scheduler.py`), in the same run. Prints a table and writes
+JSON; each row names the card.
 
     python benchmarks/throughput.py --shape qwen3-1.7b --out benchmarks/results/throughput_h100.json
     python benchmarks/throughput.py --family fast_dllm --shape qwen2.5-1.5b --configs 32:8
+    python benchmarks/throughput.py --shape qwen3-1.7b --scheduling sync,async --batch 1 16 64
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ DIFFUSION = set(FAMILIES)
 
 
 class Row(msgspec.Struct):
-    engine: str
+    engine: str  # "ar", "diffusion", or "diffusion-async" (asynchronous scheduling)
     block_length: int
     steps: int
     batch: int
@@ -81,7 +84,8 @@ def _prompts(batch: int, prompt_len: int) -> list:
 
 
 def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, eager,
-               cudagraph_mode: str | None, ttft_prompt_len: int, on_row) -> tuple[list[Row], float]:
+               cudagraph_mode: str | None, ttft_prompt_len: int, on_row,
+               async_scheduling: bool = False) -> tuple[list[Row], float]:
     """Rows per (config, batch), each also passed to `on_row` as it is measured, and the seconds
     to the first token of one long prompt."""
     import torch
@@ -94,10 +98,14 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
               # with prefix caching, block lengths must divide the KV page (B=32 included)
               block_size=max(16, max_block) if arch in DIFFUSION else None,
               compilation_config={"cudagraph_mode": cudagraph_mode} if cudagraph_mode else {},
+              # the AR twin keeps vLLM's default (asynchronous); diffusion is asked explicitly
+              async_scheduling=True if async_scheduling else None,
               additional_config={"blockdiff": {"max_block_length": max(max_block, 16),
                                                "block_length": max_block}}
               if arch in DIFFUSION else {})
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    engine = "ar" if arch not in DIFFUSION else "diffusion-async" if async_scheduling \
+        else "diffusion"
     rows = []
     for block_length, steps in configs:
         extra = {"policy": "static", "block_length": block_length, "steps": steps}
@@ -119,7 +127,7 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
                 slowest = max(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs)
             else:
                 fwd = slowest = max_tokens  # one forward per token (the prompt's emits the first)
-            rows.append(Row(engine="diffusion" if arch in DIFFUSION else "ar",
+            rows.append(Row(engine=engine,
                             block_length=block_length, steps=steps, batch=batch,
                             output_tokens=tokens, seconds=round(dt, 3),
                             tokens_per_s=round(tokens / dt, 1),
@@ -157,6 +165,9 @@ def main() -> None:
     p.add_argument("--cudagraph-mode", default=None,
                    help="the diffusion engine's -cc.cudagraph_mode (e.g. PIECEWISE, the layout "
                         "before FULL graphs); default: the plugin's choice")
+    p.add_argument("--scheduling", default="sync",
+                   help="the diffusion engine's scheduling, comma-separated: sync, async "
+                        "(--async-scheduling), or both, served one after the other")
     p.add_argument("--out", default="throughput.json")
     a = p.parse_args()
     configs = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",")]
@@ -181,10 +192,12 @@ def main() -> None:
             _, ttft["ar_s"] = run_engine(write_shape(root, a.shape, twin), twin, [(1, 1)],
                                          *common, None, a.ttft_prompt_len, save)
             save()
-            _, ttft["diffusion_s"] = run_engine(write_shape(root, a.shape, a.family), a.family,
-                                                configs, *common, a.cudagraph_mode,
-                                                a.ttft_prompt_len, save)
-            save()
+            path = write_shape(root, a.shape, a.family)
+            for mode in a.scheduling.split(","):
+                key = "diffusion_s" if mode == "sync" else "diffusion_async_s"
+                _, ttft[key] = run_engine(path, a.family, configs, *common, a.cudagraph_mode,
+                                          a.ttft_prompt_len, save, mode == "async")
+                save()
     except BaseException:
         # vLLM's engine process can keep a failed run alive until the device call's limit.
         traceback.print_exc()
@@ -193,15 +206,17 @@ def main() -> None:
     ar = {r.batch: r.tokens_per_s for r in rows if r.engine == "ar"}
     ar_ms = {r.batch: r.ms_per_forward for r in rows if r.engine == "ar"}
     header = ("engine", "B", "steps", "batch", "TPF", "ms/fwd", "vs AR", "tok/s", "vs AR")
-    print(f"\n{rows[0].card}\n" + "{:10} {:>3} {:>5} {:>5} {:>6} {:>7} {:>6} {:>10} {:>6}"
+    print(f"\n{rows[0].card}\n" + "{:15} {:>3} {:>5} {:>5} {:>6} {:>7} {:>6} {:>10} {:>6}"
           .format(*header))
     for r in rows:
-        print(f"{r.engine:10} {r.block_length:3d} {r.steps:5d} {r.batch:5d} "
+        print(f"{r.engine:15} {r.block_length:3d} {r.steps:5d} {r.batch:5d} "
               f"{r.tokens_per_forward:6.2f} {r.ms_per_forward:7.2f} "
               f"{r.ms_per_forward / ar_ms[r.batch]:6.2f} {r.tokens_per_s:10.1f} "
               f"{r.tokens_per_s / ar[r.batch]:6.2f}")
-    print(f"TTFT ({a.ttft_prompt_len}-token prompt): AR {ttft['ar_s'] * 1e3:.1f} ms, diffusion "
-          f"{ttft['diffusion_s'] * 1e3:.1f} ms ({ttft['diffusion_s'] / ttft['ar_s']:.2f}x)")
+    for key in ("diffusion_s", "diffusion_async_s"):
+        if key in ttft:
+            print(f"TTFT ({a.ttft_prompt_len}-token prompt): AR {ttft['ar_s'] * 1e3:.1f} ms, "
+                  f"{key[:-2]} {ttft[key] * 1e3:.1f} ms ({ttft[key] / ttft['ar_s']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ than patching blindly.
 from __future__ import annotations
 
 from vllm_blockdiff.patches import (
+    cpu_async_scheduling,
     cpu_grammar_bitmask,
     cpu_gumbel_sample,
     cpu_seeded_chunks,
@@ -22,7 +23,7 @@ from vllm_blockdiff.patches import (
 
 PATCHES = (diffusion_sampling_params, diffusion_structured_outputs, token_ids,
            early_validation, earliest_stop_string, cpu_top_k_top_p, cpu_gumbel_sample,
-           cpu_grammar_bitmask, cpu_seeded_chunks, proposer_step)
+           cpu_grammar_bitmask, cpu_seeded_chunks, proposer_step, cpu_async_scheduling)
 
 
 def apply_patches() -> None:

@@ -43,6 +43,16 @@ def published_sdar(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def reference(tiny_sdar):
+    """The plain-PyTorch network of `tiny_sdar`, float32 (the parity oracle)."""
+    import torch
+
+    from vllm_blockdiff.reference.modeling import CausalLM
+
+    return CausalLM.from_pretrained(tiny_sdar, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
 def llm(tiny_sdar):
     from vllm import LLM
 

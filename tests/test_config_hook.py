@@ -143,3 +143,12 @@ def test_full_graphs_cover_a_commit_and_a_step_per_request(max_num_seqs, block_l
         compilation_config=compilation,
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs)), block_length)
     assert compilation.max_cudagraph_capture_size == expected
+
+
+def test_async_scheduling_runs_windows_of_two_blocks(published_sdar):
+    cfg = engine_config(published_sdar, async_scheduling=True)
+    assert cfg.model_config.hf_config.blockdiff["windows"] is True
+    assert cfg.diffusion_config.canvas_length == 32  # two blocks of max_block_length 16
+    with pytest.raises(ValueError, match="less than twice max_block_length"):
+        engine_config(published_sdar, async_scheduling=True,
+                      additional_config={"blockdiff": {"canvas_length": 16}})

@@ -10,13 +10,11 @@ number of forwards.
 from __future__ import annotations
 
 import pytest
-import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from vllm_blockdiff.options import ServeConfig, resolve_options
 from vllm_blockdiff.reference.decode import generate
-from vllm_blockdiff.reference.modeling import CausalLM
 
 pytestmark = pytest.mark.engine
 
@@ -32,11 +30,6 @@ def prompts(tokenizer_dir: str) -> list[list[int]]:
     text = "def merge(a, b):\n    out = []\n    while a and b:\n        out.append(min(a, b))\n" * 3
     ids = tok(text).input_ids
     return [ids[i:i + n] for i, n in enumerate(PROMPT_LENGTHS)]
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_sdar):
-    return CausalLM.from_pretrained(tiny_sdar, dtype=torch.float32)
 
 
 SERVE = ServeConfig(block_length=4, max_block_length=16, mask_token_id=MASK)

@@ -321,3 +321,19 @@ def test_cpu_grammar_bitmask_masks_on_the_host():
     with _torch_cuda_wrapper(), pytest.raises(RuntimeError, match="NVIDIA"):  # vLLM 0.26 alone
         StructuredOutputsWorker.apply_grammar_bitmask.__wrapped__(worker, logits.clone(), batch,
                                                                   ["c", "a"], masks)
+
+
+def test_cpu_async_scheduling_is_kept_for_block_diffusion_models(tiny_sdar, published_sdar):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms.cpu import CpuPlatform
+
+    def config(model, **kwargs):
+        return EngineArgs(model=model, max_model_len=512, **kwargs).create_engine_config()
+
+    asked = config(tiny_sdar, async_scheduling=True)
+    assert asked.scheduler_config.async_scheduling is True
+    assert asked.model_config.hf_config.blockdiff["windows"] is True
+    assert config(tiny_sdar).scheduler_config.async_scheduling is False  # not asked: off
+    original = CpuPlatform.check_and_update_config.__wrapped__
+    original(CpuPlatform, asked)
+    assert asked.scheduler_config.async_scheduling is False  # what vLLM 0.26 alone decides

@@ -50,6 +50,10 @@ class ServeConfig(msgspec.Struct, forbid_unknown_fields=False, kw_only=True):
     sampler_graphs: bool | None = None
     # The model predicts position j from position j - 1 (`ModelFamily.shifted_logits`).
     shifted_logits: bool = False
+    # Asynchronous scheduling (`--async-scheduling`): requests that need no host work per step
+    # run fixed windows of two blocks, planned before the previous step's tokens are known
+    # (`engine/scheduler.py`).
+    windows: bool = False
 
     def __post_init__(self) -> None:
         if self.canvas_length < self.max_block_length:

@@ -4,7 +4,9 @@ The canvas holds the current block by block offset (offset j is absolute positio
 block starting at s). Positions left of the first uncommitted one have been handed to vLLM as
 output; `committed` marks canvas positions a policy has filled. Everything else about a request's
 progress (block start, offset, expected canvas size) is derived each step from the scheduler's
-token counts, so the host never waits on the device for it.
+token counts, so the host never waits on the device for it, except in a window
+(`engine/scheduler.py`, asynchronous scheduling): there the block start and offset kept here on
+the device decide which of the window's two blocks is denoised.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from vllm_blockdiff.grammar import CanvasConstraint
-from vllm_blockdiff.options import DecodeOptions
+from vllm_blockdiff.options import DecodeOptions, ServeConfig
 from vllm_blockdiff.policies import POLICIES
 from vllm_blockdiff.policies.block_switch import (
     NEVER,
@@ -32,11 +34,22 @@ POLICY_NAMES = list(POLICIES)  # a request's policy, by index (`BlockStates.poli
 MAX_POLICY_FIELDS = max(len(p.params_cls.__struct_fields__) for p in POLICIES.values())
 
 
+def runs_windows(options: DecodeOptions, constrained: bool, serve: ServeConfig) -> bool:
+    """Whether a request may run windows: it needs no host work between steps (grammars,
+    FreeDave's drafts, a TCCF marker, the sub-block cache and shifted logits all do)."""
+    return not (constrained or getattr(options.params, "drafts", 1) > 1
+                or marker_of(options) is not None or cached_sub_block(options)
+                or serve.shifted_logits)
+
+
 class BlockStates:
     def __init__(self, max_num_reqs: int, max_block_length: int, mask_token_id: int,
-                 device: torch.device):
+                 device: torch.device, serve: ServeConfig | None = None,
+                 max_model_len: int = 0):
         self.max_block_length = max_block_length
         self.mask_token_id = mask_token_id
+        self.serve = serve
+        self.max_model_len = max_model_len
         # Device tensors have one row more: the scratch slot that padding rows of a captured
         # sampler step read and write (`engine/sampler.py`), never a request's.
         self.scratch = max_num_reqs
@@ -49,6 +62,8 @@ class BlockStates:
         self.committed_confidence = torch.zeros(max_num_reqs, max_block_length,
                                                 dtype=torch.float32, device=device)
         self.step = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
+        # Absolute start of the current block (kept by every denoising step; read by windows).
+        self.block_start = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
         # The block's first open offset after the last step that ran the request's canvas: a
         # step that runs none of it (its query cut short by the token budget) cannot tell.
         self.offset = torch.zeros(max_num_reqs, dtype=torch.int64, device=device)
@@ -70,6 +85,10 @@ class BlockStates:
         self.switch_at_np = np.full(max_num_reqs, NEVER, dtype=np.int64)
         self.marker: list[int | None] = [None] * max_num_reqs
         self.verifies_drafts_np = np.zeros(max_num_reqs, dtype=bool)
+        # Windows (asynchronous scheduling): requests that may run them, and those of them a
+        # canvas ran for (the scheduler's `_Progress.windows` and `ran`).
+        self.windows_np = np.zeros(max_num_reqs, dtype=bool)
+        self.ran_np = np.zeros(max_num_reqs, dtype=bool)
         self.options: list[DecodeOptions | None] = [None] * max_num_reqs
         # Each request's policy (index into POLICY_NAMES) and its parameters as numbers
         # (`Policy.values`), written once when it arrives: a step only indexes them.
@@ -107,6 +126,9 @@ class BlockStates:
         self.switch_at_np[slot] = NEVER
         self.observe(slot, prompt_len, emitted)
         self.verifies_drafts_np[slot] = policy.verifies_drafts
+        self.windows_np[slot] = (self.serve is not None and self.serve.windows
+                                 and runs_windows(options, constraint is not None, self.serve))
+        self.ran_np[slot] = False
         self.reset_blocks(slot)  # an int index: no per-request host-to-device copy
 
     def grammar_ready(self, slot: int) -> bool:
@@ -128,6 +150,12 @@ class BlockStates:
         if marker is not None and self.switch_at_np[slot] == NEVER:
             self.switch_at_np[slot] = switch_position(tokens, first_position, marker,
                                                       int(self.block_length_np[slot]))
+
+    def windows(self, slots: np.ndarray, computed: np.ndarray) -> np.ndarray:
+        """Which requests run a window this step: the scheduler's rule (`_window`) on the
+        counts it sent, a window starting where the computed tokens end."""
+        fits = computed + 2 * self.block_length_np[slots] <= self.max_model_len
+        return self.windows_np[slots] & self.ran_np[slots] & fits
 
     def block_lengths(self, slots: np.ndarray, num_tokens: np.ndarray) -> np.ndarray:
         """Each request's block length for the block holding its next position."""

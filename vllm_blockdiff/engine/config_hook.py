@@ -2,9 +2,9 @@
 
 Runs once in vLLM's config construction (`MODELS_CONFIG_MAP`). It resolves the block length and
 the mask token from the checkpoint (or serve-time overrides), marks the model as a diffusion
-model (`canvas_length`), selects the diffusion-aware scheduler and synchronous scheduling, and
-records the result on the HF config as `blockdiff`, where the frontend validator, the scheduler
-and the workers read it.
+model (`canvas_length`), selects the diffusion-aware scheduler (synchronous scheduling unless
+`--async-scheduling` asks for windows: `engine/scheduler.py`), and records the result on the HF
+config as `blockdiff`, where the frontend validator, the scheduler and the workers read it.
 """
 
 from __future__ import annotations
@@ -140,10 +140,14 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
         if block_length > max_block_length:
             raise ValueError(f"additional_config.blockdiff.block_length ({block_length}) exceeds "
                              f"max_block_length ({max_block_length})")
-        canvas_length = settings.canvas_length or max_block_length
-        if canvas_length < max_block_length:
+        # Asynchronous scheduling runs fixed windows of two blocks: they are draft tokens too.
+        windows = bool(vllm_config.scheduler_config.async_scheduling)
+        least = (2 if windows else 1) * max_block_length
+        canvas_length = settings.canvas_length or least
+        if canvas_length < least:
             raise ValueError(f"additional_config.blockdiff.canvas_length ({canvas_length}) is "
-                             f"less than max_block_length ({max_block_length})")
+                             f"less than {'twice ' if windows else ''}max_block_length "
+                             f"({max_block_length})")
         mask_token_id = (settings.mask_token_id if settings.mask_token_id is not None
                          else resolve_mask_token_id(vllm_config, tokenizer))
 
@@ -159,6 +163,7 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             vocab_size=model_config.get_vocab_size(),
             sampler_graphs=settings.sampler_graphs,
             shifted_logits=family.shifted_logits,
+            windows=windows,
         )
         resolve_options(None, serve)  # the defaults themselves must be a valid request
 
@@ -171,10 +176,7 @@ class BlockDiffusionConfigHook(VerifyAndUpdateConfig):
             raise ValueError(f"{family.architecture} needs the block-diffusion scheduler; "
                              f"remove --scheduler-cls {sched.scheduler_cls}")
         sched.scheduler_cls = SCHEDULER
-        if sched.async_scheduling:
-            raise ValueError("block-diffusion models run with synchronous scheduling; "
-                             "remove --async-scheduling")
-        sched.async_scheduling = False
+        sched.async_scheduling = windows  # off unless asked for: windows cost 2B query tokens
         use_full_cuda_graphs(vllm_config, block_length)
         logger.info("block diffusion: block_length=%d (max %d), mask token %d, policy %s, "
                     "structured outputs by %s", block_length, max_block_length, mask_token_id,

@@ -40,12 +40,14 @@ class BlockDiffusionModelState(DefaultModelState):
         super().__init__(vllm_config, model, encoder_cache, device)
         self.serve = serve_config_of(self.model_config.hf_config)
         self.states = BlockStates(self.max_num_reqs, self.serve.max_block_length,
-                                  self.serve.mask_token_id, device)
+                                  self.serve.mask_token_id, device, self.serve,
+                                  self.max_model_len)
         self._grammar: GrammarBackend | None = None  # built on the first constrained request
         # One thread compiles grammars in arrival order (xgrammar and llguidance release the GIL).
         self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockdiff-grammar")
         self._staging = Staging(device)
         self._layout: TokenLayout | None = None  # set by prepare_attn for prepare_inputs
+        self._windows: np.ndarray | None = None  # [R] likewise: the requests running windows
 
     def get_supported_generation_tasks(self):
         return ("generate",)
@@ -100,23 +102,44 @@ class BlockDiffusionModelState(DefaultModelState):
         (its emitted tokens) is neither, nor are the known tokens in the copies of the block
         that extra drafts carry, so those are filled here from `all_token_ids`. Extra drafts
         also take the block's rotary positions (`engine/layout.py`; slots are mapped already).
+        A window's tokens are decided on the device (`_fill_windows`).
         """
         layout, self._layout = self._layout, None
-        if layout is not None and input_batch.num_draft_tokens_per_req is not None:
+        windows, self._windows = self._windows, None
+        if layout is not None:
             t = len(layout.request)
             slot = input_batch.idx_mapping_np[layout.request]
             at = layout.rope_positions
-            rows = [slot, layout.from_history] + ([at] if at is not None else [])
-            staged = self._staging.to_device(np.stack(rows))
+            rows = [slot, layout.from_history]
+            if windows.any():
+                rows.append(windows[layout.request])
+            staged = self._staging.to_device(np.stack(rows + ([at] if at is not None else [])))
             positions = input_batch.positions[:t]
             if at is not None:
-                positions.copy_(staged[2])
+                positions.copy_(staged[-1])
             known = req_states.all_token_ids.gpu[staged[0], positions.long()]
             ids = input_batch.input_ids[:t]
             torch.where(staged[1].bool(), known.to(ids.dtype), ids, out=ids)
+            if windows.any():
+                self._fill_windows(ids, staged[0], positions.long(), staged[2].bool(), known,
+                                   req_states)
             if self.serve.shifted_logits:  # each canvas position's logits: the position before
                 input_batch.logits_indices.sub_(1)
         return super().prepare_inputs(input_batch, req_states)
+
+    def _fill_windows(self, ids: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
+                      window: torch.Tensor, known: torch.Tensor, req_states: RequestState
+                      ) -> None:
+        """A window's tokens from the state its previous step left on the device: emitted
+        tokens from the history, then the current block's canvas, then masks (the block after
+        an open one waits, fully masked: the canvas is masked beyond its block length)."""
+        states = self.states
+        offset = positions - states.block_start[slot]
+        canvas = states.canvas[slot, offset.clamp(0, states.max_block_length - 1)]
+        in_block = (offset >= 0) & (offset < states.max_block_length)
+        fill = torch.where(positions < req_states.total_len.gpu[slot], known,
+                           torch.where(in_block, canvas, states.mask_token_id))
+        torch.where(window, fill.to(ids.dtype), ids, out=ids)
 
     def prepare_attn(
         self,
@@ -137,6 +160,9 @@ class BlockDiffusionModelState(DefaultModelState):
         drafts = np.zeros(r, np.int64) if drafts is None else drafts[:r].astype(np.int64)
         # Keys end with the query, but a sub-block run from the cache sees its whole block.
         cached, _, block_end = states.sub_block_steps(slots, computed + query - drafts, drafts)
+        # A window is plain block-causal attention over its two blocks: laid out as history.
+        self._windows = states.windows(slots, computed)
+        drafts = np.where(self._windows, 0, drafts)
         layout = token_layout(computed, query, drafts,
                               states.block_length_np[slots], states.fine_block_length_np[slots],
                               states.switch_at_np[slots],

@@ -20,7 +20,9 @@ block state, the policies, commit, emit, store) is tensor work over all canvases
 per policy present, with parameters kept on the device. No Python loop over requests touches the
 device and nothing waits for it, except for grammars (masks and runs: host work per constrained
 request), FreeDave's drafts and TCCF markers. Steps without those replay `tail` from a CUDA graph
-(`TailGraphs`).
+(`TailGraphs`). A window (asynchronous scheduling, `engine/scheduler.py`) is planned before the
+tokens of the step in flight are known: its block start and first open offset are read from the
+device block state inside `tail`, which also moves its logit rows to the open block.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class StepPlan:
         self.offset = num_tokens - block_start
         self.rest = self.block_length - self.offset  # the open part of the block: draft 0
         self.block_start, self.end = block_start, end
+        # Windows (`engine/scheduler.py`): the device decides which of the two blocks is denoised.
+        self.window = states.windows(self.slots, computed)
         # Further drafts (FreeDave) are whole copies of the block (`engine/layout.py`).
         extra = self.drafts - self.rest
         full_canvas = (self.drafts > 0) & (extra >= 0) & (extra % self.block_length == 0)
@@ -113,12 +117,14 @@ class StepPlan:
         # A canvas cut short by max_model_len is denoised as is (the request ends there); one cut
         # short by the token budget is not denoised at all, so batching never changes outputs.
         self.denoise = (self.drafts > 0) & (full_canvas | (end >= max_model_len))
+        self.denoise = np.where(self.window, query == 2 * self.block_length, self.denoise)
         # A request whose grammar still compiles waits: the step is redone once it is ready.
         self.constrained = states.constrained_np[self.slots]
         for i in np.flatnonzero(self.denoise & self.constrained):
             self.denoise[i] = states.grammar_ready(int(self.slots[i]))
         # Drafts side by side (FreeDave); one for every other policy.
-        self.num_drafts = np.where(self.denoise, 1 + np.maximum(extra, 0) // self.block_length, 0)
+        self.num_drafts = np.where(self.denoise & ~self.window,
+                                   1 + np.maximum(extra, 0) // self.block_length, self.denoise)
         # Requests whose policy drafts (FreeDave), and those of them denoised this step.
         self.drafting = states.verifies_drafts_np[self.slots]
         self.verify = self.denoise & self.drafting
@@ -147,17 +153,23 @@ class StepPlan:
         rows_local = np.arange(len(rows_req)) - (np.cumsum(self.drafts) - self.drafts)[rows_req]
         rest, b = self.rest[rows_req], self.block_length[rows_req]
         beyond = np.maximum(rows_local - rest, 0)  # into the extra drafts (whole blocks)
-        self.rows = (rows_req, np.where(rows_local < rest, 0, 1 + beyond // b),
-                     np.where(rows_local < rest, rows_local + self.offset[rows_req], beyond % b))
+        k = np.where(rows_local < rest, 0, 1 + beyond // b)
+        col = np.where(rows_local < rest, rows_local + self.offset[rows_req], beyond % b)
+        # A window's rows on the grid: those of its second block (`BlockDiffusionSampler.tail`
+        # moves them to the first where that is the one denoised).
+        second = rows_local - (self.drafts[rows_req] - b)
+        window = self.window[rows_req]
+        self.rows = (rows_req, np.where(window, np.where(second >= 0, 0, -1), k),
+                     np.where(window, second, col))
 
     def request_rows(self, pad: int = 0, scratch: int = 0) -> np.ndarray:
-        """[7, R + pad]: the fields of `_Req`; padding rows are inert requests on the scratch
+        """[8, R + pad]: the fields of `_Req`; padding rows are inert requests on the scratch
         slot. A request that ran no canvas has offset -1: its query may stop short of its known
-        tokens, so the plan cannot tell its offset."""
-        offset = np.where(self.drafts > 0, self.offset, -1)
+        tokens, so the plan cannot tell its offset; nor can it for a window."""
+        offset = np.where((self.drafts > 0) & ~self.window, self.offset, -1)
         rows = np.stack([self.slots, offset, self.block_length, self.denoise, self.block_start,
-                         self.end, self.cache_sub])
-        padding = np.array([[scratch], [0], [1], [0], [0], [0], [0]]).repeat(pad, axis=1)
+                         self.end, self.cache_sub, self.window])
+        padding = np.array([[scratch], [0], [1], [0], [0], [0], [0], [0]]).repeat(pad, axis=1)
         return np.concatenate([rows.astype(np.int64), padding], axis=1)
 
     def grid_rows(self, canvas_length: int, pad: int = 0) -> np.ndarray:
@@ -195,11 +207,16 @@ class _Req(NamedTuple):
     block_start: torch.Tensor
     end: torch.Tensor  # of the step's query
     cache_sub: torch.Tensor  # `StepPlan.cache_sub`
+    window: torch.Tensor  # bool: the request ran a window (its block state is on the device)
 
     @classmethod
     def of(cls, rows: torch.Tensor) -> _Req:
-        """From the [7, R] int64 rows of `StepPlan.request_rows`."""
-        return cls(rows[0], rows[1], rows[2], rows[3] != 0, *rows[4:])
+        """From the [8, R] int64 rows of `StepPlan.request_rows`."""
+        return cls(rows[0], rows[1], rows[2], rows[3] != 0, rows[4], rows[5], rows[6],
+                   rows[7] != 0)
+
+
+REQ_ROWS = len(_Req._fields)
 
 
 class _Device(NamedTuple):
@@ -286,7 +303,7 @@ class BlockDiffusionSampler:
         flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in parts])
         out = None if graph is None else self._graphs.inputs[:flat.size]
         views = torch.split(self._staging.to_device(flat, out), [np.size(a) for a in parts])
-        return _Device(_Req.of(views[0].view(7, size)[:, :r]),
+        return _Device(_Req.of(views[0].view(REQ_ROWS, size)[:, :r]),
                        views[1].view(size, self.canvas_length)[:r],
                        *views[2:-3], views[-3].bool(), *views[-2:])
 
@@ -307,6 +324,7 @@ class BlockDiffusionSampler:
         else:
             out = self.tail(plan, d.req, d.grid_row, proposals, d)
         r = input_batch.num_reqs
+        self.states.ran_np[plan.slots[plan.drafts > 0]] = True
         # The next step's canvas (the scheduler sizes it; the runner reads the values from here).
         self.req_states.draft_tokens[d.req.slots, :self.canvas_length] = out.next_canvas[:r]
         if plan.drafting.any():  # also when not denoised: the line above overwrote their drafts
@@ -330,8 +348,12 @@ class BlockDiffusionSampler:
         cl = self.canvas_length
         # A request's block state was reset when it was added (or resumed); a step that runs
         # none of its canvas (a prefill chunk, or a token budget that cut it) keeps it as is.
+        # A window's block and offset are the ones its previous step left.
         req = req._replace(offset=torch.where(req.offset >= 0, req.offset,
-                                              states.offset[req.slots]))
+                                              states.offset[req.slots]),
+                           block_start=torch.where(req.window, states.block_start[req.slots],
+                                                   req.block_start))
+        grid_row = self._window_grid(req, grid_row)
         canvas = states.canvas[req.slots]
         committed = states.committed[req.slots]
         history = states.committed_confidence[req.slots]
@@ -340,9 +362,12 @@ class BlockDiffusionSampler:
             offset = req.offset
             sampled = torch.zeros_like(canvas)
             num_sampled = torch.zeros_like(offset, dtype=torch.int32)
+            finished = torch.zeros_like(req.denoise)
         else:
-            canvas, committed, history, step, offset, sampled, num_sampled = self._denoise(
-                plan, req, grid_row, proposals, d, canvas, committed, history, step)
+            canvas, committed, history, step, offset, sampled, num_sampled, finished = (
+                self._denoise(plan, req, grid_row, proposals, d, canvas, committed, history,
+                              step))
+        states.block_start[req.slots] = req.block_start + req.block_length * finished
         states.canvas[req.slots] = canvas
         states.committed[req.slots] = committed
         states.committed_confidence[req.slots] = history
@@ -351,6 +376,16 @@ class BlockDiffusionSampler:
         columns = (offset[:, None] + torch.arange(cl, device=canvas.device)).clamp(max=cl - 1)
         return _Tail(sampled, num_sampled, canvas.gather(1, columns), canvas, committed, offset,
                      self._rejected(req, offset))
+
+    def _window_grid(self, req: _Req, grid_row: torch.Tensor) -> torch.Tensor:
+        """Windows' logit rows by block offset: the plan put those of the second block on the
+        grid; where the first block is the one open, its rows are a block earlier."""
+        cols = torch.arange(self.canvas_length, device=grid_row.device)[None, :]
+        second = req.block_start >= req.end - req.block_length
+        row = grid_row - torch.where(second, 0, req.block_length)[:, None]
+        valid = ((grid_row >= 0) & (cols >= req.offset[:, None])
+                 & (cols < req.block_length[:, None]))
+        return torch.where(req.window[:, None], torch.where(valid, row, -1), grid_row)
 
     def _rejected(self, req: _Req, offset: torch.Tensor) -> torch.Tensor:
         """KV stays computed up to the current block's start: its own (and a just finished
@@ -362,6 +397,10 @@ class BlockDiffusionSampler:
         cached = (req.cache_sub > 0) & (offset % sub != 0)
         keep = torch.where(cached, req.block_start + offset - offset % sub,
                            (req.block_start - self.shift).clamp(min=0))
+        # A window cut short before the end of the finished block it recomputes leaves that
+        # block's KV unfinished: it is recomputed again (`engine/scheduler.py`, `_window_end`).
+        short = req.window & (req.end < req.block_start)
+        keep = torch.where(short, req.block_start - req.block_length, keep)
         return (req.end - keep).to(torch.int32)
 
     def _propose(self, logits: torch.Tensor, input_batch: InputBatch, plan: StepPlan,
@@ -565,7 +604,7 @@ class BlockDiffusionSampler:
         history = history.masked_fill(finished[:, None], 0.0)
         step = torch.where(finished, 0, torch.where(req.denoise, step + 1, step))
         return (canvas, committed, history, step, torch.where(finished, 0, first_open), sampled,
-                num_sampled)
+                num_sampled, finished)
 
     def _verify_drafts(self, plan: StepPlan, d: _Device, tokens: torch.Tensor,
                        confidence: torch.Tensor, masked: torch.Tensor, commit: torch.Tensor,
@@ -680,7 +719,7 @@ class TailGraphs:
         cl = sampler.canvas_length
         # The step's whole upload: request rows and grid (what the graphs read), then at most
         # 1 value per request and 3 per logit row (`BlockDiffusionSampler._upload`).
-        self.inputs = torch.zeros(self.max_size * (8 + cl) + 3 * max_logit_rows,
+        self.inputs = torch.zeros(self.max_size * (REQ_ROWS + 1 + cl) + 3 * max_logit_rows,
                                   dtype=torch.int64, device=device)
         self._tokens = torch.zeros(max_logit_rows, dtype=torch.int64, device=device)
         self._confidence = torch.zeros(max_logit_rows, dtype=torch.float32, device=device)
@@ -725,15 +764,15 @@ class TailGraphs:
 
     def _capture(self, policy: str, need_entropy: bool, size: int) -> Callable[[], _Tail]:
         cl = self.sampler.canvas_length
-        inputs = self.inputs[:size * (7 + cl)]
-        grid = inputs[7 * size:].view(size, cl)
+        inputs = self.inputs[:size * (REQ_ROWS + cl)]
+        grid = inputs[REQ_ROWS * size:].view(size, cl)
         inert = SimpleNamespace(slots=np.zeros(0, np.int64), offset=np.zeros(0, np.int64),
                                 drafts=np.zeros(0, np.int64), block_start=np.zeros(0, np.int64),
                                 end=np.zeros(0, np.int64), cache_sub=np.zeros(0, np.int64),
                                 block_length=np.zeros(0, np.int64), denoise=np.zeros(0, bool),
                                 rows=(np.zeros(0, np.int64),) * 3,
                                 groups=[(policy, None, None)], drafting=np.zeros(0, bool),
-                                constrained=np.zeros(0, bool),
+                                constrained=np.zeros(0, bool), window=np.zeros(0, bool),
                                 verify=np.zeros(0, bool))
         rows = StepPlan.request_rows(inert, size, self.sampler.states.scratch)
         grid_rows = StepPlan.grid_rows(inert, cl, size)
@@ -741,7 +780,7 @@ class TailGraphs:
         proposals = (self._tokens, self._confidence, self._entropy if need_entropy else None)
 
         def run() -> _Tail:
-            req = _Req.of(inputs[:7 * size].view(7, size))  # captured: its bools too
+            req = _Req.of(inputs[:REQ_ROWS * size].view(REQ_ROWS, size))  # captured: its bools too
             return self.sampler.tail(inert, req, grid, proposals)
 
         if not inputs.is_cuda:  # the same buffers and padding, run eagerly (CPU tests)

@@ -7,18 +7,29 @@ the first step, then the current block, or the just-finished block (recomputed w
 tokens) plus the next one. After the step it winds `num_computed_tokens` back to the current
 block's start, because only KV produced from final tokens may stay cached. Everything else
 (admission, paged KV, preemption, stop checks, outputs, metrics) is vLLM's own.
+
+With asynchronous scheduling (`--async-scheduling`) a step is planned while the previous one
+runs, before its tokens are known, so a query cannot depend on them. A request that needs no
+host work per step (`block_state.runs_windows`) then runs a fixed window of two blocks from the
+start of the block its last step denoised: the workers decide on the device whether that block
+is still open (the second block then waits, masked) or finished (it is recomputed with its final
+tokens and the second block takes its first step); KV stays computed up to the block the step
+denoised, which the host learns one step late. Other requests keep the synchronous rule and wait
+while a step of theirs is in flight.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
+from vllm_blockdiff.engine.block_state import runs_windows
 from vllm_blockdiff.engine.validation import grammar_of
 from vllm_blockdiff.options import resolve_options, serve_config_of
 from vllm_blockdiff.policies.block_switch import (
@@ -29,6 +40,18 @@ from vllm_blockdiff.policies.block_switch import (
     switch_position,
 )
 from vllm_blockdiff.policies.subblock import cached_query, cached_sub_block
+
+# What a request's step ran, kept until its output is processed (`_Progress.pending`).
+CHUNK, CANVAS, WINDOW = "chunk", "canvas", "window"  # prompt only; synchronous rule; a window
+
+
+def _window_end(known: int, block_length: int, end: int) -> int:
+    """Where KV stays computed after a window whose query ended at `end`, with `known` tokens
+    known before it: the start of the block it denoised (the one holding the first unknown
+    token), unless the window was cut short inside the finished block before that one, which
+    is then recomputed again (the workers decide the same: `BlockDiffusionSampler._rejected`)."""
+    start = known // block_length * block_length
+    return start if end >= start else start - block_length
 
 
 @dataclass
@@ -47,6 +70,11 @@ class _Progress:
     # the block whose KV a refresh left in the cache; the workers track the same.
     cache_sub: int = 0
     cache_block: int = -1
+    # Asynchronous scheduling: whether the request runs windows once a canvas of it has run
+    # (`ran`), and what each of its steps not yet processed ran, with the tokens known before it.
+    windows: bool = False
+    ran: bool = False
+    pending: deque = field(default_factory=deque)
 
     def cached(self, num_tokens: int) -> tuple[bool, int, int]:
         """Whether the next step runs only the active sub-block, and its bounds (meaningless
@@ -92,9 +120,12 @@ class BlockDiffusionScheduler(Scheduler):
             options = resolve_options(request.sampling_params.extra_args, self.serve)
             drafts = getattr(options.params, "drafts", 1)
             marker, fine = marker_of(options), fine_block_length(options)
+            constrained = grammar_of(request.sampling_params.extra_args) is not None
+            windows = self.serve.windows and runs_windows(options, constrained, self.serve)
             self._progress[request.request_id] = _Progress(options.block_length, drafts,
                                                            marker=marker, fine_block_length=fine,
-                                                           cache_sub=cached_sub_block(options))
+                                                           cache_sub=cached_sub_block(options),
+                                                           windows=windows)
             # Block-causal KV depends on the block length(s): keep it out of other caches.
             salt = f"blockdiff:B={options.block_length}"
             if marker is not None:
@@ -106,9 +137,63 @@ class BlockDiffusionScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         mask = self.serve.mask_token_id
+        windows = set()
         for request in self.running:
-            request.spec_token_ids = [mask] * self._canvas_size(request)
-        return super().schedule(*args, **kwargs)
+            progress = self._progress[request.request_id]
+            if self._window(request, progress):
+                size = self._window_size(request, progress)
+                windows.add(request.request_id)
+            elif progress.pending and not self._after_chunks(request, progress):
+                # its last step's outcome decides this one: wait for it
+                request.next_decode_eligible_step = self.current_step + 2
+                continue
+            else:
+                size = self._canvas_size(request)
+            request.spec_token_ids = [mask] * size
+        output = super().schedule(*args, **kwargs)
+        for req_id in output.num_scheduled_tokens:
+            progress = self._progress[req_id]
+            drafts = len(output.scheduled_spec_decode_tokens.get(req_id, ()))
+            progress.ran |= drafts > 0
+            computed = self.requests[req_id].num_computed_tokens  # where the step's query ends
+            if req_id in windows:  # planned from fewer tokens than it runs with: see the update
+                progress.pending.append((WINDOW, -1, computed))
+            else:  # the tokens known before the step (a prompt chunk: computed so far)
+                progress.pending.append((CANVAS if drafts else CHUNK, computed - drafts, computed))
+        return output
+
+    def _window(self, request: Request, progress: _Progress) -> bool:
+        """Whether the request's next step runs a window (`block_state.BlockStates.windows`
+        decides the same on the workers from the same counts)."""
+        if not (progress.windows and progress.ran):
+            return False
+        b = progress.block_length
+        return self._window_start(request, progress) + 2 * b <= self.max_model_len
+
+    def _window_start(self, request: Request, progress: _Progress) -> int:
+        """Where the KV the workers keep ends. With the request's last step in flight (a window),
+        its outcome is `_window_end` of the tokens known now; once processed,
+        `update_from_output` left it in `num_computed_tokens`."""
+        if progress.pending:
+            _, _, end = progress.pending[-1]
+            return _window_end(request.num_tokens, progress.block_length, end)
+        return request.num_computed_tokens
+
+    def _after_chunks(self, request: Request, progress: _Progress) -> bool:
+        """Whether only prompt chunks are in flight: they commit nothing, so the KV they leave
+        is known (up to the start of the block their end falls in) and need not be waited for."""
+        if any(ran != CHUNK for ran, _, _ in progress.pending):
+            return False
+        known = progress.pending[-1][1]
+        b = progress.block_length_at(known)
+        request.num_computed_tokens = max(known // b * b - self._shift, 0)
+        return True
+
+    def _window_size(self, request: Request, progress: _Progress) -> int:
+        """Drafts of a window: the two blocks from its start, less the tokens known there."""
+        start = self._window_start(request, progress)
+        request.num_computed_tokens = start
+        return start + 2 * progress.block_length - request.num_tokens
 
     def _canvas_size(self, request: Request) -> int:
         """The masked rest of the block, plus a whole copy of the block per extra draft.
@@ -140,25 +225,32 @@ class BlockDiffusionScheduler(Scheduler):
         computed: dict[str, int] = {}
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
-            if request is None:
+            progress = self._progress.get(req_id)
+            if request is None or progress is None:
                 continue
-            progress = self._progress[req_id]
+            ran, num_tokens, end = progress.pending.popleft()
             progress.forwards += 1
             progress.query_tokens += scheduler_output.num_scheduled_tokens[req_id]
             drafts = len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()))
-            num_tokens = request.num_computed_tokens - drafts
+            if ran == WINDOW:  # the tokens known before it: the host knows them now
+                num_tokens = request.num_tokens
             b = progress.block_length_at(num_tokens)
             start = num_tokens // b * b
+            if progress.pending:  # a window planned since: it set its own start
+                continue
+            if ran == WINDOW:
+                start = _window_end(num_tokens, b, end)
             computed[req_id] = max(start - self._shift, 0)
             if progress.cache_sub and drafts == start + b - num_tokens > 0 and num_tokens > start:
                 # The whole block ran after its AR step: a refresh of its cached KV.
-                first = request.num_computed_tokens - scheduler_output.num_scheduled_tokens[req_id]
+                first = num_tokens + drafts - scheduler_output.num_scheduled_tokens[req_id]
                 if first <= computed[req_id]:
                     progress.cache_block = start
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, num_computed in computed.items():
             request = self.requests.get(req_id)
-            if request is not None and not request.is_finished():
+            # (Asynchronous scheduling may have preempted it meanwhile: it restarts from 0.)
+            if request is not None and request.status == RequestStatus.RUNNING:
                 progress = self._progress[req_id]
                 cached, sub_start, _ = progress.cached(request.num_tokens)
                 # From the cache the next step runs the active sub-block, keeping the KV before it.
@@ -168,10 +260,12 @@ class BlockDiffusionScheduler(Scheduler):
 
     def _preempt_request(self, request: Request, timestamp: float) -> None:
         super()._preempt_request(request, timestamp)
-        # The workers take a resumed request afresh: no block KV of it is cached any more.
+        # The workers take a resumed request afresh: no block KV of it is cached any more, and
+        # its first step (a prompt) runs no window.
         progress = self._progress.get(request.request_id)
         if progress is not None:
             progress.cache_block = -1
+            progress.ran = False
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         kv_params, ec_params = super()._free_request(request, delay_free_blocks)
