@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu_run.sh [SRC_TGZ] STEP...
 #     kernels   the attention kernel tests, compiled
-#     tests     GPU engine tests with torch.compile and FULL CUDA graphs (BLOCKDIFF_TEST_COMPILE=1)
+#     tests     GPU engine tests with torch.compile and FULL CUDA graphs (BLOCKDIFF_TEST_COMPILE=1;
+#               TESTS names other test files, TESTS_S their time limit)
 #     invariant the determinism tests again under VLLM_BATCH_INVARIANT=1
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
 #               (MODES, CONFIGS select the runs, NO_AR=1 skips the AR twin; PYPROFILE=1 adds
@@ -48,8 +49,10 @@ for step in "$@"; do
       t 120 tests/test_attention_kernel.py tests/test_vocab_pass.py > "$OUT/kernels_gpu.log" 2>&1
       echo "kernels rc=$?"; tail -2 "$OUT/kernels_gpu.log" ;;
     tests)
-      BLOCKDIFF_TEST_COMPILE=1 t 330 tests/test_engine_parity.py tests/test_engine_fast_dllm.py \
-        tests/test_engine_determinism.py > "$OUT/tests_gpu.log" 2>&1
+      # TESTS: other test files instead (e.g. tests/test_engine_async.py), TESTS_S its limit
+      BLOCKDIFF_TEST_COMPILE=1 t ${TESTS_S:-330} ${TESTS:-tests/test_engine_parity.py \
+        tests/test_engine_fast_dllm.py tests/test_engine_determinism.py} \
+        > "$OUT/tests_gpu.log" 2>&1
       echo "tests rc=$?"; tail -3 "$OUT/tests_gpu.log" ;;
     invariant)
       # Greedy identity beside other requests with vLLM's batch-invariant GEMMs.
