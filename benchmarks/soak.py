@@ -6,6 +6,7 @@ runs `vllm_blockdiff.bench.soak` with the given request count and clients, print
 proposer is the second line:
 
     python benchmarks/soak.py --model examples/models/sdar-testbed --requests 2000 --clients 24
+    python benchmarks/soak.py --serve-args=--async-scheduling    # windows (engine/scheduler.py)
     python benchmarks/soak.py --model examples/models/qwen3-testbed --speculative-config \\
         '{"model": "vllm_blockdiff.proposers.aded.ADEDProposer", "num_speculative_tokens": 4}'
 """
@@ -33,12 +34,15 @@ def main() -> None:
     p.add_argument("--speculative-config", default=None, help="passed to `vllm serve` as is")
     p.add_argument("--out", default="benchmarks/results/soak.json")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, \
-            running_server(a.model, ([] if a.gpu else CPU_FLAGS) + shlex.split(a.serve_args)
-                           + (["--speculative-config", a.speculative_config]
-                              if a.speculative_config else []),
-                           Path(tmp) / "serve.log") as base:
-        result = soak(base, a.requests, a.clients)
+    args = (([] if a.gpu else CPU_FLAGS) + shlex.split(a.serve_args)
+            + (["--speculative-config", a.speculative_config] if a.speculative_config else []))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "serve.log"
+        with running_server(a.model, args, log) as base:
+            result = soak(base, a.requests, a.clients)
+        # what the server ran with, as it logged it (e.g. --async-scheduling)
+        result["serve_args"] = args
+        result["async_scheduling"] = "Asynchronous scheduling is enabled" in log.read_text()
     print(" ".join(f"{k}={result[k]}" for k in ("requests", "2xx", "4xx", "5xx",
                                                  "greedy_mismatches", "hangs", "engine_deaths")))
     Path(a.out).write_text(json.dumps(result, indent=2))
