@@ -123,8 +123,8 @@ class BlockDiffusionModelState(DefaultModelState):
             if windows.any():
                 self._fill_windows(ids, staged[0], positions.long(), staged[2].bool(), known,
                                    req_states)
-            if self.serve.shifted_logits:  # each canvas position's logits: the position before
-                input_batch.logits_indices.sub_(1)
+            if self.serve.shifted_logits and input_batch.num_draft_tokens_per_req is not None:
+                input_batch.logits_indices.sub_(1)  # a canvas position's logits: the one before
         return super().prepare_inputs(input_batch, req_states)
 
     def _fill_windows(self, ids: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
