@@ -36,8 +36,9 @@ MAX_POLICY_FIELDS = max(len(p.params_cls.__struct_fields__) for p in POLICIES.va
 
 def runs_windows(options: DecodeOptions, constrained: bool, serve: ServeConfig) -> bool:
     """Whether a request may run windows: it needs no host work between steps (grammars,
-    FreeDave's drafts, a TCCF marker, the sub-block cache and shifted logits all do)."""
-    return not (constrained or getattr(options.params, "drafts", 1) > 1
+    drafting policies such as FreeDave, a TCCF marker, the sub-block cache and shifted logits
+    all do)."""
+    return not (constrained or POLICIES[options.policy].verifies_drafts
                 or marker_of(options) is not None or cached_sub_block(options)
                 or serve.shifted_logits)
 
