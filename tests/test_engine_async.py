@@ -86,3 +86,23 @@ def test_windows_give_way_at_max_model_len(async_llm, tiny_sdar, reference):
     [(tokens, _)] = run(async_llm, [(prompt, args)])  # stops at max_model_len
     ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, room, {EOS, IM_END})
     assert tokens == ref.token_ids
+
+
+def test_preempted_windows_resume_like_the_reference(tiny_sdar, reference):
+    """A KV cache of 10 pages for 16 concurrent requests forces preemptions, planned while the
+    preempted request's last step may still run: a resumed request starts afresh on both sides
+    (its prompt, one canvas, then windows) and still decodes exactly like the reference."""
+    from vllm import LLM
+
+    engine = LLM(tiny_sdar, **{**ENGINE_ARGS, "max_model_len": 128, "num_gpu_blocks_override": 10,
+                               "disable_log_stats": False}, async_scheduling=True)
+    requests = [(p, {"block_length": 4, "policy": policy})
+                for policy in ("threshold", "entropy") for p in prompts(tiny_sdar)]
+    outputs = run(engine, requests)
+    preemptions = sum(m.value for m in engine.get_metrics() if m.name == "vllm:num_preemptions")
+    del engine
+    assert preemptions > 0
+    for (prompt, args), (tokens, _) in zip(requests, outputs, strict=True):
+        ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
+                       {EOS, IM_END})
+        assert tokens == ref.token_ids, (args, len(prompt))
