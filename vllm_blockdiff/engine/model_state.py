@@ -111,7 +111,8 @@ class BlockDiffusionModelState(DefaultModelState):
             slot = input_batch.idx_mapping_np[layout.request]
             at = layout.rope_positions
             rows = [slot, layout.from_history]
-            if windows.any():
+            has_windows = bool(windows.any())
+            if has_windows:
                 rows.append(windows[layout.request])
             staged = self._staging.to_device(np.stack(rows + ([at] if at is not None else [])))
             positions = input_batch.positions[:t]
@@ -120,7 +121,7 @@ class BlockDiffusionModelState(DefaultModelState):
             known = req_states.all_token_ids.gpu[staged[0], positions.long()]
             ids = input_batch.input_ids[:t]
             torch.where(staged[1].bool(), known.to(ids.dtype), ids, out=ids)
-            if windows.any():
+            if has_windows:
                 self._fill_windows(ids, staged[0], positions.long(), staged[2].bool(), known,
                                    req_states)
             if self.serve.shifted_logits and input_batch.num_draft_tokens_per_req is not None:

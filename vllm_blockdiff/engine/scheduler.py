@@ -140,8 +140,9 @@ class BlockDiffusionScheduler(Scheduler):
         windows = set()
         for request in self.running:
             progress = self._progress[request.request_id]
-            if self._window(request, progress):
-                size = self._window_size(request, progress)
+            if (start := self._window(request, progress)) is not None:
+                request.num_computed_tokens = start
+                size = start + 2 * progress.block_length - request.num_tokens
                 windows.add(request.request_id)
             elif progress.pending and not self._after_chunks(request, progress):
                 # its last step's outcome decides this one: wait for it
@@ -162,13 +163,14 @@ class BlockDiffusionScheduler(Scheduler):
                 progress.pending.append((CANVAS if drafts else CHUNK, computed - drafts, computed))
         return output
 
-    def _window(self, request: Request, progress: _Progress) -> bool:
-        """Whether the request's next step runs a window (`block_state.BlockStates.windows`
-        decides the same on the workers from the same counts)."""
+    def _window(self, request: Request, progress: _Progress) -> int | None:
+        """The start of the window the request's next step runs, or None where it runs none
+        (`block_state.BlockStates.windows` decides the same on the workers from the same counts).
+        Its drafts are the two blocks from there, less the tokens known there."""
         if not (progress.windows and progress.ran):
-            return False
-        b = progress.block_length
-        return self._window_start(request, progress) + 2 * b <= self.max_model_len
+            return None
+        start = self._window_start(request, progress)
+        return start if start + 2 * progress.block_length <= self.max_model_len else None
 
     def _window_start(self, request: Request, progress: _Progress) -> int:
         """Where the KV the workers keep ends. With the request's last step in flight (a window),
@@ -188,12 +190,6 @@ class BlockDiffusionScheduler(Scheduler):
         b = progress.block_length_at(known)
         request.num_computed_tokens = max(known // b * b - self._shift, 0)
         return True
-
-    def _window_size(self, request: Request, progress: _Progress) -> int:
-        """Drafts of a window: the two blocks from its start, less the tokens known there."""
-        start = self._window_start(request, progress)
-        request.num_computed_tokens = start
-        return start + 2 * progress.block_length - request.num_tokens
 
     def _canvas_size(self, request: Request) -> int:
         """The masked rest of the block, plus a whole copy of the block per extra draft.
