@@ -46,7 +46,7 @@ card=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].l
 for step in "$@"; do
   case $step in
     kernels)
-      t 120 tests/test_attention_kernel.py tests/test_vocab_pass.py > "$OUT/kernels_gpu.log" 2>&1
+      t 120 tests/test_attention_kernel.py tests/test_vocab_pass.py tests/test_transfer.py > "$OUT/kernels_gpu.log" 2>&1
       echo "kernels rc=$?"; tail -2 "$OUT/kernels_gpu.log" ;;
     tests)
       # TESTS: other test files instead (e.g. tests/test_engine_async.py), TESTS_S its limit

@@ -95,7 +95,8 @@ def test_preempted_windows_resume_like_the_reference(tiny_sdar, reference):
     from vllm import LLM
 
     engine = LLM(tiny_sdar, **{**ENGINE_ARGS, "max_model_len": 128, "num_gpu_blocks_override": 10,
-                               "disable_log_stats": False}, async_scheduling=True)
+                               "disable_log_stats": False}, async_scheduling=True,
+                 additional_config={"blockdiff": {"sampler_graphs": True}})
     requests = [(p, {"block_length": 4, "policy": policy})
                 for policy in ("threshold", "entropy") for p in prompts(tiny_sdar)]
     outputs = run(engine, requests)
