@@ -330,6 +330,10 @@ class BlockDiffusionSampler:
         if plan.drafting.any():  # also when not denoised: the line above overwrote their drafts
             self._write_drafts(plan, d, out.canvas, out.committed, out.offset)
         sampled, num_sampled = out.sampled[:r], out.num_sampled[:r]
+        if graph is not None:
+            # vLLM copies these to the host on its own stream, which is not ordered before the
+            # next step's replay rewriting the graph's outputs (asynchronous scheduling).
+            sampled, num_sampled = sampled.clone(), num_sampled.clone()
         self._observe_markers(plan, sampled, num_sampled)
         return SamplerOutput(
             sampled_token_ids=sampled,
