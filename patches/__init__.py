@@ -17,13 +17,15 @@ from vllm_blockdiff.patches import (
     diffusion_structured_outputs,
     earliest_stop_string,
     early_validation,
+    preempted_block_state,
     proposer_step,
     token_ids,
 )
 
 PATCHES = (diffusion_sampling_params, diffusion_structured_outputs, token_ids,
            early_validation, earliest_stop_string, cpu_top_k_top_p, cpu_gumbel_sample,
-           cpu_grammar_bitmask, cpu_seeded_chunks, proposer_step, cpu_async_scheduling)
+           cpu_grammar_bitmask, cpu_seeded_chunks, proposer_step, cpu_async_scheduling,
+           preempted_block_state)
 
 
 def apply_patches() -> None:

@@ -1,12 +1,12 @@
-"""Per-request block state: grammars compiled off the step, the TCCF switch, and which requests
-may run windows (asynchronous scheduling)."""
+"""Per-request block state: grammars compiled off the step, the TCCF switch, which requests
+may run windows (asynchronous scheduling), and what a preempted request keeps."""
 
 from concurrent.futures import Future
 
 import numpy as np
 import torch
 
-from vllm_blockdiff.engine.block_state import BlockStates, runs_windows
+from vllm_blockdiff.engine.block_state import BLOCK_FIELDS, BlockStates, runs_windows
 from vllm_blockdiff.options import ServeConfig, resolve_options
 from vllm_blockdiff.policies.block_switch import NEVER
 
@@ -60,3 +60,30 @@ def test_only_requests_without_host_work_per_step_run_windows():
     states.ran_np[:] = True
     assert states.windows(slots, computed).tolist() == [True, False]
     assert states.windows(slots, np.array([56, 8])).tolist() == [False, False]  # past the end
+
+
+def test_a_resumed_request_continues_its_block_as_preemption_left_it():
+    """Positions 10 (emitted) and 13 are committed in the block 8..15 when the request is
+    preempted; it resumes with 3 known tokens of the block (emitted text is all vLLM returns),
+    so without its saved state position 13, the step count and the confidences were lost."""
+    states = _states()
+    options = resolve_options(None, SERVE)
+    states.add_request(2, options, [0])
+    states.block_start[2] = 8
+    states.canvas[2, [0, 1, 2, 5]] = torch.tensor([4, 5, 6, 7])
+    states.committed[2, [0, 1, 2, 5]] = True
+    states.committed_confidence[2, [0, 1, 2, 5]] = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    states.step[2], states.offset[2] = 3, 3
+    saved = states.save_block(2)
+    kept = {name: getattr(states, name)[2].clone() for name in BLOCK_FIELDS}
+    states.add_request(2, options, [0])  # the slot taken by another request meanwhile
+    states.canvas[2, 0] = 9
+    for slot in (0, 1):  # resumed in another slot, with 11 known tokens: the same block ...
+        states.add_request(slot, options, [0], prompt_len=5, emitted=[1] * 6)
+        states.restore_block(slot, saved, 11)
+        for name in BLOCK_FIELDS:
+            assert torch.equal(getattr(states, name)[slot], kept[name]), name
+    states.add_request(3, options, [0], prompt_len=5, emitted=[1] * 11)
+    states.restore_block(3, saved, 16)  # ... or another block, which starts afresh
+    assert (states.canvas[3] == 3).all() and not states.committed[3].any()
+    assert states.step[3] == 0

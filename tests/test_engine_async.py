@@ -90,8 +90,11 @@ def test_windows_give_way_at_max_model_len(async_llm, tiny_sdar, reference):
 
 def test_preempted_windows_resume_like_the_reference(tiny_sdar, reference):
     """A KV cache of 10 pages for 16 concurrent requests forces preemptions, planned while the
-    preempted request's last step may still run: a resumed request starts afresh on both sides
-    (its prompt, one canvas, then windows) and still decodes exactly like the reference."""
+    preempted request's last step may still run: a resumed request runs its prompt, one canvas,
+    then windows, continues its block as preemption left it (the patch
+    `preempted_block_state`), and decodes exactly like the reference. On the GPU, before that
+    patch, an entropy request lost a position committed after a gap and decoded differently;
+    on CPU the tiny model shows such a loss only now and then."""
     from vllm import LLM
 
     engine = LLM(tiny_sdar, **{**ENGINE_ARGS, "max_model_len": 128, "num_gpu_blocks_override": 10,

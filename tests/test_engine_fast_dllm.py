@@ -95,8 +95,8 @@ def test_block_length_comes_from_bd_size_and_drafting_policies_are_refused(llm):
 
 def test_preempted_requests_resume_without_their_cached_block(checkpoint):
     """A KV cache of 10 pages for 12 concurrent requests forces preemptions: a resumed request
-    starts its block afresh on both sides of vLLM (scheduler and workers), with the sub-block
-    cache on, and still decodes exactly like the reference."""
+    continues its block's committed positions but not its sub-block cache (its KV is gone), on
+    both sides of vLLM (scheduler and workers), and still decodes exactly like the reference."""
     from conftest import ENGINE_ARGS
     from vllm import LLM
 

@@ -337,3 +337,29 @@ def test_cpu_async_scheduling_is_kept_for_block_diffusion_models(tiny_sdar, publ
     original = CpuPlatform.check_and_update_config.__wrapped__
     original(CpuPlatform, asked)
     assert asked.scheduler_config.async_scheduling is False  # what vLLM 0.26 alone decides
+
+
+def test_preempted_block_state_tells_the_model_state_before_removing():
+    """vLLM 0.26's Model Runner V2 removes preempted requests as if finished; patched, the model
+    state first hears which were preempted (to keep their block state) and which finished."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    events = []
+
+    class ModelState:
+        def track_preemptions(self, preempted, finished):
+            events.append(("track", sorted(preempted), sorted(finished)))
+
+    runner = SimpleNamespace(model_state=ModelState(),
+                             _remove_request=lambda req_id: events.append(("remove", req_id)))
+    output = SimpleNamespace(preempted_req_ids={"b"}, finished_req_ids={"a"})
+    GPUModelRunner.finish_requests.__wrapped__(runner, output)  # vLLM 0.26 alone
+    assert sorted(events) == [("remove", "a"), ("remove", "b")]
+    events.clear()
+    GPUModelRunner.finish_requests(runner, output)
+    assert events[0] == ("track", ["b"], ["a"]) and sorted(events[1:]) == [("remove", "a"),
+                                                                           ("remove", "b")]
+    events.clear()
+    GPUModelRunner.finish_requests(runner, SimpleNamespace(preempted_req_ids=None,
+                                                           finished_req_ids=set()))
+    assert events == [("track", [], [])]

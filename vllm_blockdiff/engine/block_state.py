@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Future
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +33,17 @@ from vllm_blockdiff.policies.subblock import cached_query, cached_sub_block
 MAX_STOP_TOKENS = 16  # flagged for the policies (the first 16); vLLM itself checks every stop
 POLICY_NAMES = list(POLICIES)  # a request's policy, by index (`BlockStates.policy_np`)
 MAX_POLICY_FIELDS = max(len(p.params_cls.__struct_fields__) for p in POLICIES.values())
+# The device state of a request's open block that its emitted tokens do not carry: what is kept
+# for a preempted request (`BlockStates.save_block`).
+BLOCK_FIELDS = ("canvas", "committed", "committed_confidence", "step", "offset", "pred_token",
+                "pred_confidence", "pred_valid")
+
+
+class SavedBlock(NamedTuple):
+    """Device copies of a preempted request's block state, taken in stream order."""
+
+    block_start: torch.Tensor
+    rows: tuple[torch.Tensor, ...]  # BLOCK_FIELDS
 
 
 def runs_windows(options: DecodeOptions, constrained: bool, serve: ServeConfig) -> bool:
@@ -172,6 +184,22 @@ class BlockStates:
         cached, _, sub_end = cached_query(start, num_tokens - start, b, self.cache_sub_np[slots],
                                           self.cache_block_np[slots] == start)
         return cached & (drafts > 0), sub_end, start + b
+
+    def save_block(self, slot: int) -> SavedBlock:
+        """The slot's block state as the steps queued so far leave it (device copies, no sync)."""
+        return SavedBlock(self.block_start[slot].clone(),
+                          tuple(getattr(self, name)[slot].clone() for name in BLOCK_FIELDS))
+
+    def restore_block(self, slot: int, saved: SavedBlock, num_tokens: int) -> None:
+        """A resumed request with `num_tokens` known tokens takes its saved block state back if
+        it continues that block: the positions committed beyond its emitted text, their
+        confidences and the step count (a block the saved state finished, or one never started,
+        is fully masked either way). Decided on the device, so nothing waits for the GPU."""
+        b = int(self.block_lengths(np.array([slot]), np.array([num_tokens]))[0])
+        same = saved.block_start == num_tokens // b * b
+        for name, row in zip(BLOCK_FIELDS, saved.rows, strict=True):
+            field = getattr(self, name)
+            field[slot] = torch.where(same, row, field[slot])
 
     def reset_blocks(self, slots: torch.Tensor | int) -> None:
         """Start a fresh, fully masked block for these slots."""
