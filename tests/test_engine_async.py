@@ -92,9 +92,9 @@ def test_preempted_windows_resume_like_the_reference(tiny_sdar, reference):
     """A KV cache of 10 pages for 16 concurrent requests forces preemptions, planned while the
     preempted request's last step may still run: a resumed request runs its prompt, one canvas,
     then windows, continues its block as preemption left it (the patch
-    `preempted_block_state`), and decodes exactly like the reference. On the GPU, before that
-    patch, an entropy request lost a position committed after a gap and decoded differently;
-    on CPU the tiny model shows such a loss only now and then."""
+    `preempted_block_state`), and decodes exactly like the reference. Before that patch an
+    entropy request decoded differently on the GPU, its resumed block having lost the positions
+    committed after a gap (the likely cause; on CPU the tiny model shows it only now and then)."""
     from vllm import LLM
 
     engine = LLM(tiny_sdar, **{**ENGINE_ARGS, "max_model_len": 128, "num_gpu_blocks_override": 10,
