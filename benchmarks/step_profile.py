@@ -18,6 +18,9 @@ host times; the unprofiled wall time is the real step cost, and the unprofiled h
 
     python benchmarks/step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
         --out benchmarks/results/step_profile.json
+
+`--scheduling sync,async` profiles the diffusion engine both ways (windows: `--async-scheduling`,
+where a step's host work overlaps the previous step's GPU time).
 """
 
 from __future__ import annotations
@@ -209,8 +212,8 @@ def _py_profile(llm, prompts, params, out: Path) -> None:
 
 
 def run_engine(path: str, arch: str, configs: list[str], batches: list[int], prompt_len: int,
-               max_tokens: int, cudagraph_mode: str | None, pyprofile: str | None = None
-               ) -> list[dict]:
+               max_tokens: int, cudagraph_mode: str | None, pyprofile: str | None = None,
+               async_scheduling: bool = False) -> list[dict]:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -220,7 +223,9 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
     llm = LLM(path, load_format="dummy", dtype="bfloat16" if cuda else "float32",
               max_model_len=prompt_len + max_tokens + 64, gpu_memory_utilization=0.5 if cuda
               else 0.3, max_num_seqs=max(batches), seed=0, enforce_eager=not cuda,
-              compilation_config=compilation)
+              compilation_config=compilation,
+              # the AR twin keeps vLLM's default (asynchronous); windows are asked explicitly
+              async_scheduling=True if async_scheduling else None)
     timed: list[dict[str, float]] = []
     _timeline(llm, timed)  # innermost: the profiler's ranges stay outside the timers
     steps = _instrument(llm)
@@ -255,7 +260,8 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
         if pyprofile:  # host time by Python function (cProfile inflates call-heavy code)
             _py_profile(llm, prompts, params, Path(pyprofile)
                         / f"pyprofile_{arch}_{config.replace(':', 'x')}_b{batch}.txt")
-        rows.append({"engine": "ar" if arch == "qwen3" else "diffusion",
+        rows.append({"engine": "ar" if arch == "qwen3" else
+                     "diffusion-async" if async_scheduling else "diffusion",
                      "config": config if arch == "sdar" else "-", "batch": batch,
                      "cudagraph_mode": cudagraph_mode or "default",
                      "card": torch.cuda.get_device_name() if cuda else "cpu", "steps": n,
@@ -277,6 +283,9 @@ def main() -> None:
     p.add_argument("--cudagraph-modes", default="default",
                    help="diffusion runs per mode, e.g. 'PIECEWISE,default' (default: the plugin's)")
     p.add_argument("--out", default="step_profile.json")
+    p.add_argument("--scheduling", default="sync",
+                   help="diffusion runs per scheduling: 'sync,async' adds windows "
+                        "(--async-scheduling, rows 'diffusion-async')")
     p.add_argument("--no-ar", dest="ar", action="store_false", help="skip the AR twin's run")
     p.add_argument("--pyprofile", default=None,
                    help="a folder: also write each run's host time by Python function there")
@@ -285,7 +294,8 @@ def main() -> None:
     if a.worker:  # one engine in this process
         path, arch, configs, mode, out = a.worker
         rows = run_engine(path, arch, configs.split(","), a.batch, a.prompt_len, a.max_tokens,
-                          None if mode == "default" else mode, a.pyprofile)
+                          None if mode == "default" else mode, a.pyprofile,
+                          a.scheduling == "async")
         Path(out).write_text(json.dumps(rows))
         return
     from throughput import write_shape
@@ -293,32 +303,34 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        runs = [(write_shape(root, a.shape, "qwen3"), "qwen3", "1:1", "default")] if a.ar else []
+        runs = ([(write_shape(root, a.shape, "qwen3"), "qwen3", "1:1", "default", "sync")]
+                if a.ar else [])
         sdar = write_shape(root, a.shape, "sdar")
-        runs += [(sdar, "sdar", a.configs, m) for m in a.cudagraph_modes.split(",")]
+        runs += [(sdar, "sdar", a.configs, m, sched) for m in a.cudagraph_modes.split(",")
+                 for sched in a.scheduling.split(",")]
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-        for i, (path, arch, config, mode) in enumerate(runs):
+        for i, (path, arch, config, mode, sched) in enumerate(runs):
             out = root / f"rows{i}.json"
             cmd = [sys.executable, __file__, "--worker", path, arch, config, mode, str(out),
                    "--batch", *map(str, a.batch), "--prompt-len", str(a.prompt_len),
-                   "--max-tokens", str(a.max_tokens)]
+                   "--max-tokens", str(a.max_tokens), "--scheduling", sched]
             if a.pyprofile:
                 cmd += ["--pyprofile", str(Path(a.pyprofile).resolve())]
             subprocess.run(cmd, env=env, check=True)
             rows += json.loads(out.read_text())
-    print(f"\n{'engine':9} {'B:steps':7} {'graphs':10} {'batch':>5} {'wall ms':>8} {'decode':>7} "
+    print(f"\n{'engine':15} {'B:steps':7} {'graphs':10} {'batch':>5} {'wall ms':>8} {'decode':>7} "
           + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'GPU busy':>8} {'idle':>7}")
     for r in rows:
         phases = " ".join(f"{r[p]['host_ms']:4.1f}/{r[p]['gpu_ms']:3.1f}" for p in PHASES)
-        print(f"{r['engine']:9} {r['config']:7} {r['cudagraph_mode']:10} {r['batch']:5d} "
+        print(f"{r['engine']:15} {r['config']:7} {r['cudagraph_mode']:10} {r['batch']:5d} "
               f"{r['wall_ms_per_step']:8.2f} {r['decode_step_median_ms']:7.2f} {phases} "
               f"{r['gpu']['busy_ms']:8.2f} "
               f"{r['gpu']['idle_ms']:7.2f}")
     print("\nhost ms per decode step (median), unprofiled (nested: prepare_* in execute, sample "
           "in sample_tokens, logits in sample)")
-    print(f"{'engine':9} {'B:steps':7} {'batch':>5} " + " ".join(f"{k[-9:]:>9}" for k in TIMED))
+    print(f"{'engine':15} {'B:steps':7} {'batch':>5} " + " ".join(f"{k[-9:]:>9}" for k in TIMED))
     for r in rows:
-        print(f"{r['engine']:9} {r['config']:7} {r['batch']:5d} "
+        print(f"{r['engine']:15} {r['config']:7} {r['batch']:5d} "
               + " ".join(f"{r['host_timeline_ms'][k]:9.3f}" for k in TIMED))
     for r in rows:
         print(f"\n{r['engine']} {r['config']} batch {r['batch']}: top kernels, GPU ms per step")

@@ -9,8 +9,8 @@
 #               TESTS names other test files, TESTS_S their time limit)
 #     invariant the determinism tests again under VLLM_BATCH_INVARIANT=1
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
-#               (MODES, CONFIGS select the runs, NO_AR=1 skips the AR twin; PYPROFILE=1 adds
-#               host time by Python function)
+#               (MODES, CONFIGS select the runs, SCHED=sync,async adds windows, NO_AR=1 skips
+#               the AR twin; PYPROFILE=1 adds host time by Python function)
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256 (TP_ARGS, TP_TAG)
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #               (stopped after $SB_S seconds, rows written as they come)
@@ -62,7 +62,8 @@ for step in "$@"; do
     profile)
       (cd benchmarks && timeout ${PROFILE_S:-330} python3 step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
         --configs ${CONFIGS:-4:4,4:1} --cudagraph-modes ${MODES:-PIECEWISE,default} \
-        --out "$OUT/step_profile_$card.json" ${PYPROFILE:+--pyprofile "$OUT"} ${NO_AR:+--no-ar}) \
+        --scheduling ${SCHED:-sync} --out "$OUT/step_profile_$card.json" \
+        ${PYPROFILE:+--pyprofile "$OUT"} ${NO_AR:+--no-ar}) \
         > "$OUT/step_profile.log" 2>&1
       echo "profile rc=$?"; tail -60 "$OUT/step_profile.log" ;;
     throughput)
