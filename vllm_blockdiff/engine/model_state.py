@@ -83,11 +83,11 @@ class BlockDiffusionModelState(DefaultModelState):
         the positions committed after a gap in it, with the step count and confidences the
         policies read, would be lost, and it would decode differently than without the
         preemption."""
-        for req_id in finished:
-            self._preempted.pop(req_id, None)
         for req_id in preempted:
             if (slot := self._slots.get(req_id)) is not None:
                 self._preempted[req_id] = self.states.save_block(slot)
+        for req_id in finished:
+            self._preempted.pop(req_id, None)
 
     def remove_request(self, req_id: str) -> None:
         super().remove_request(req_id)
