@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -46,13 +47,14 @@ class Row(msgspec.Struct):
     steps: int
     batch: int
     output_tokens: int
-    seconds: float
+    seconds: float  # the median of the timed runs
     tokens_per_s: float
     forwards_per_request: float
     tokens_per_forward: float
     ms_per_forward: float  # wall time per engine step (all requests advance together)
     card: str
     cudagraph_mode: str  # the compilation setting the engine ran with ("default": vLLM's/plugin's)
+    seconds_per_run: list[float] = []  # every timed run, in order
 
 
 def write_shape(root: Path, shape: str, arch: str) -> str:
@@ -85,9 +87,11 @@ def _prompts(batch: int, prompt_len: int) -> list:
 
 def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, eager,
                cudagraph_mode: str | None, ttft_prompt_len: int, on_row,
-               async_scheduling: bool = False) -> tuple[list[Row], float]:
+               async_scheduling: bool = False, repeats: int = 3) -> tuple[list[Row], float]:
     """Rows per (config, batch), each also passed to `on_row` as it is measured, and the seconds
-    to the first token of one long prompt."""
+    to the first token of one long prompt. A row's time is the median of `repeats` timed runs:
+    one run of 17 forwards varied by 20% between calls on one H100, and a kernel compiled inside
+    one run (below) no longer decides the row."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -122,9 +126,12 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
             # timed run (H100, 2026-12-07: 47.6 ms per forward, JIT warning in the log).
             for _ in range(2):
                 llm.generate(prompts, params, use_tqdm=False)
-            t = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            dt = time.perf_counter() - t
+            runs = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                runs.append(time.perf_counter() - t)
+            dt = statistics.median(runs)
             tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             if arch in DIFFUSION:
                 fwd = sum(o.kv_transfer_params["blockdiff"]["forwards"] for o in outs) / batch
@@ -138,7 +145,8 @@ def run_engine(path: str, arch: str, configs, batches, prompt_len, max_tokens, e
                             forwards_per_request=round(fwd, 2),
                             tokens_per_forward=round(tokens / batch / fwd, 3),
                             ms_per_forward=round(dt * 1e3 / slowest, 3), card=card,
-                            cudagraph_mode=cudagraph_mode or "default"))
+                            cudagraph_mode=cudagraph_mode or "default",
+                            seconds_per_run=[round(x, 4) for x in runs]))
             print(msgspec.json.encode(rows[-1]).decode(), flush=True)
             on_row(rows[-1])
     block_length, steps = configs[0]
@@ -172,6 +180,8 @@ def main() -> None:
     p.add_argument("--scheduling", default="sync",
                    help="the diffusion engine's scheduling, comma-separated: sync, async "
                         "(--async-scheduling), or both, served one after the other")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per row (after two warm-ups); the row keeps their median")
     p.add_argument("--out", default="throughput.json")
     a = p.parse_args()
     configs = [tuple(int(x) for x in c.split(":")) for c in a.configs.split(",")]
@@ -194,13 +204,14 @@ def main() -> None:
             root = Path(tmp)
             twin = FAMILIES[a.family]
             _, ttft["ar_s"] = run_engine(write_shape(root, a.shape, twin), twin, [(1, 1)],
-                                         *common, None, a.ttft_prompt_len, save)
+                                         *common, None, a.ttft_prompt_len, save,
+                                         repeats=a.repeats)
             save()
             path = write_shape(root, a.shape, a.family)
             for mode in a.scheduling.split(","):
                 key = "diffusion_s" if mode == "sync" else "diffusion_async_s"
                 _, ttft[key] = run_engine(path, a.family, configs, *common, a.cudagraph_mode,
-                                          a.ttft_prompt_len, save, mode == "async")
+                                          a.ttft_prompt_len, save, mode == "async", a.repeats)
                 save()
     except BaseException:
         # vLLM's engine process can keep a failed run alive until the device call's limit.
