@@ -1,6 +1,8 @@
 # The two entry points the README documents; both install into .venv first if needed.
 VENV ?= .venv
 STAMP := $(VENV)/.blockdiff-installed
+# pytest-xdist workers: test files run in parallel, one engine core each (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint
 
@@ -13,7 +15,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples scripts
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples scripts

@@ -7,6 +7,11 @@ import os
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# `make test` runs one pytest-xdist worker per core. vLLM's CPU worker binds its OpenMP threads to
+# core 0 whatever else runs ("auto"); each test worker's engines get a core of their own instead.
+if (worker := os.environ.get("PYTEST_XDIST_WORKER")) is not None:
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                          str(int(worker.removeprefix("gw")) % (os.cpu_count() or 1)))
 
 from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
