@@ -7,11 +7,13 @@ import os
 import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# `make test` runs one pytest-xdist worker per core. vLLM's CPU worker binds its OpenMP threads to
-# core 0 whatever else runs ("auto"); each test worker's engines get a core of their own instead.
+# `make test` runs two pytest-xdist workers (Makefile TEST_WORKERS). vLLM's CPU worker binds its
+# OpenMP threads to core 0 whatever else runs ("auto"); each test worker's engines get a core of
+# their own instead.
 if (worker := os.environ.get("PYTEST_XDIST_WORKER")) is not None:
+    cores = sorted(os.sched_getaffinity(0))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                          str(int(worker.removeprefix("gw")) % (os.cpu_count() or 1)))
+                          str(cores[int(worker.removeprefix("gw")) % len(cores)]))
 
 from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
