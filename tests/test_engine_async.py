@@ -94,7 +94,8 @@ def test_preempted_windows_resume_like_the_reference(tiny_sdar, reference):
     then windows, continues its block as preemption left it (the patch
     `preempted_block_state`), and decodes exactly like the reference. Before that patch an
     entropy request decoded differently on the GPU, its resumed block having lost the positions
-    committed after a gap (the likely cause; on CPU the tiny model shows it only now and then)."""
+    committed after a gap; with it, this test passes there (H100, FULL graphs, 2026-12-07). On
+    CPU the tiny model shows the difference only now and then."""
     from vllm import LLM
 
     engine = LLM(tiny_sdar, **{**ENGINE_ARGS, "max_model_len": 128, "num_gpu_blocks_override": 10,
