@@ -6,9 +6,10 @@ emitted tokens only. A block-diffusion request preempted in the middle of a bloc
 positions committed after a gap in its emitted text, and the step count and confidences its
 policy reads; without them the resumed request decodes differently than it would have without
 the preemption (found on the GPU, where the preemption test's requests are preempted mid-block).
-With this patch, a model state that has `track_preemptions(preempted, finished)` hears of both
-sets before the requests are removed (`engine/model_state.py` keeps a preempted request's block
-state until it resumes or finishes).
+With this patch, a model state that has `track_preemptions(preempted, finished)` hears, before
+the requests are removed, the slots of the preempted ones (by request id, from the runner's
+`req_states`) and the ids of the finished ones (`engine/model_state.py` keeps a preempted
+request's block state until it resumes or finishes).
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def apply() -> None:
     def finish_requests(self, scheduler_output) -> None:
         track = getattr(self.model_state, "track_preemptions", None)
         if track is not None:
-            track(scheduler_output.preempted_req_ids or set(), scheduler_output.finished_req_ids)
+            slots = self.req_states.req_id_to_index
+            preempted = scheduler_output.preempted_req_ids or ()
+            track({r: slots[r] for r in preempted if r in slots},
+                  scheduler_output.finished_req_ids)
         original(self, scheduler_output)
 
     GPUModelRunner.finish_requests = finish_requests

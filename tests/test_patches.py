@@ -348,18 +348,19 @@ def test_preempted_block_state_tells_the_model_state_before_removing():
 
     class ModelState:
         def track_preemptions(self, preempted, finished):
-            events.append(("track", sorted(preempted), sorted(finished)))
+            events.append(("track", preempted, sorted(finished)))
 
     runner = SimpleNamespace(model_state=ModelState(),
+                             req_states=SimpleNamespace(req_id_to_index={"a": 0, "b": 1}),
                              _remove_request=lambda req_id: events.append(("remove", req_id)))
     output = SimpleNamespace(preempted_req_ids={"b"}, finished_req_ids={"a"})
     GPUModelRunner.finish_requests.__wrapped__(runner, output)  # vLLM 0.26 alone
     assert sorted(events) == [("remove", "a"), ("remove", "b")]
     events.clear()
     GPUModelRunner.finish_requests(runner, output)
-    assert events[0] == ("track", ["b"], ["a"]) and sorted(events[1:]) == [("remove", "a"),
+    assert events[0] == ("track", {"b": 1}, ["a"]) and sorted(events[1:]) == [("remove", "a"),
                                                                            ("remove", "b")]
     events.clear()
     GPUModelRunner.finish_requests(runner, SimpleNamespace(preempted_req_ids=None,
                                                            finished_req_ids=set()))
-    assert events == [("track", [], [])]
+    assert events == [("track", {}, [])]

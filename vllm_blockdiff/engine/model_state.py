@@ -48,9 +48,8 @@ class BlockDiffusionModelState(DefaultModelState):
         self._staging = Staging(device)
         self._layout: TokenLayout | None = None  # set by prepare_attn for prepare_inputs
         self._windows: np.ndarray | None = None  # [R] likewise: the requests running windows
-        # Request slots by id, and the block state of preempted requests until they resume
-        # (`track_preemptions`, called by the patch `preempted_block_state`).
-        self._slots: dict[str, int] = {}
+        # The block state of preempted requests until they resume (`track_preemptions`, called
+        # by the patch `preempted_block_state`).
         self._preempted: dict[str, SavedBlock] = {}
 
     def get_supported_generation_tasks(self):
@@ -73,25 +72,19 @@ class BlockDiffusionModelState(DefaultModelState):
             constraint = self._compiler.submit(self._constraint, spec, eos, emitted)
         self.states.add_request(req_index, resolve_options(extra_args, self.serve), stop_ids,
                                 constraint, prompt_len, emitted)
-        self._slots[new_req_data.req_id] = req_index
         if (saved := self._preempted.pop(new_req_data.req_id, None)) is not None:
             self.states.restore_block(req_index, saved, len(new_req_data.prefill_token_ids))
 
-    def track_preemptions(self, preempted: set[str], finished: set[str]) -> None:
-        """Keep the block state of requests preempted now, drop that of preempted requests that
-        finished (were aborted) meanwhile. A resumed request gets back its emitted text only;
-        the positions committed after a gap in it, with the step count and confidences the
-        policies read, would be lost, and it would decode differently than without the
-        preemption."""
-        for req_id in preempted:
-            if (slot := self._slots.get(req_id)) is not None:
-                self._preempted[req_id] = self.states.save_block(slot)
+    def track_preemptions(self, preempted: dict[str, int], finished: set[str]) -> None:
+        """Keep the block state of requests preempted now (their slots by id), drop that of
+        preempted requests that finished (were aborted) meanwhile. A resumed request gets back
+        its emitted text only; the positions committed after a gap in it, with the step count
+        and confidences the policies read, would be lost, and it would decode differently than
+        without the preemption."""
+        for req_id, slot in preempted.items():
+            self._preempted[req_id] = self.states.save_block(slot)
         for req_id in finished:
             self._preempted.pop(req_id, None)
-
-    def remove_request(self, req_id: str) -> None:
-        super().remove_request(req_id)
-        self._slots.pop(req_id, None)
 
     def _constraint(self, spec: GrammarSpec, eos: list[int], emitted: list[int]
                     ) -> CanvasConstraint:
