@@ -543,3 +543,25 @@ def test_random_out_of_order_decoding_regex_choice_grammar(tiny, spec, pattern):
         tokens, _ = decode_out_of_order(tiny, spec, seed, block_length=(4, 8)[seed % 2])
         assert tokens[-1] in tiny.stop_token_ids
         assert regex.fullmatch(pattern, tiny.tokenizer.decode(tokens[:-1]))
+
+
+def test_llguidance_accepts_long_strings_under_a_word_pattern(tiny_sdar):
+    """JSONSchemaBench `o21115`: a length-limited string of at most 50 words. At llguidance's
+    default lexer fuel, replaying valid text a token at a time ran out of lexer expressions
+    ("too many expressions constructed") and refused a valid token; the expressions belong to
+    the compiled grammar that every request with that schema copies, so one such replay
+    refused every later request too."""
+    words = {"maxLength": 500, "minLength": 1, "pattern": "^(?:\\S+\\s+){0,49}\\S+$",
+             "type": "string"}
+    schema = {"type": "object", "properties": {k: words for k in "abc"},
+              "required": list("abc"), "additionalProperties": False}
+    backend = make_backend("llguidance", tiny_sdar)
+    compiled = backend.compile(GrammarSpec.from_json(schema))
+    rng = random.Random(0)
+    for _ in range(3):
+        value = " ".join("".join(rng.choice("abcdef.')(:") for _ in range(rng.randint(1, 6)))
+                         for _ in range(40))
+        matcher = backend.matcher(compiled)
+        text = json.dumps({k: value for k in "abc"})
+        assert all(matcher.accept(t) for t in backend.encode(text)), text
+        assert matcher.is_completed()

@@ -34,6 +34,13 @@ from vllm_blockdiff.grammar.spec import GrammarError, GrammarSpec
 FLEXIBLE = {"whitespace_flexible": True}
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
+# Ten times llguidance's default lexer fuel, which also caps the lexer expressions a compiled
+# grammar may build over its lifetime (shared by every copy of it). At the default, replaying
+# valid text into JSONSchemaBench `o21115` (strings of at most 50 words, 500 characters) ran out
+# of expressions after 43 tokens, and the grammar then refused every token, for every request
+# with that schema. The fuel caps work, it does not allocate: other schemas compile as before.
+LIMITS = llguidance.LLParserLimits(initial_lexer_fuel=10_000_000)
+
 # llguidance quotes the Lark source after its message ("   2 | json: %json {...}"), which for a
 # schema is the whole schema; the location ("at 2(7): ") points into Lark text we generated.
 _EXCERPT = re.compile(r"\n\s*\d+ \| .*", re.S)
@@ -161,7 +168,8 @@ class LLGuidanceBackend(CachingBackend):
     def validate(self, spec: GrammarSpec) -> None:
         """Raise GrammarError if `spec` does not compile: llguidance checks the grammar without
         a tokenizer (no lexer over the vocabulary)."""
-        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(self._grammar(spec))
+        failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            self._grammar(spec), limits=LIMITS)
         if failed:
             raise GrammarError(spec.field, error_message(messages[0], spec))
 
@@ -181,7 +189,8 @@ class LLGuidanceBackend(CachingBackend):
         return msgspec.structs.replace(spec, backend=self.name, approximated=approximated)
 
     def _compile(self, spec: GrammarSpec) -> llguidance.LLMatcher:
-        compiled = llguidance.LLMatcher(self._ll, self._grammar(spec), log_level=0)
+        compiled = llguidance.LLMatcher(self._ll, self._grammar(spec), log_level=0,
+                                        limits=LIMITS)
         if compiled.is_error():
             raise GrammarError(spec.field, error_message(compiled.get_error(), spec))
         return compiled
