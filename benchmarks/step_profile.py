@@ -211,9 +211,38 @@ def _py_profile(llm, prompts, params, out: Path) -> None:
     out.write_text(text.getvalue())
 
 
+def _sync_sites(llm, prompts, params, steps: int) -> list[dict]:
+    """One more `generate` with CUDA's sync debug mode: every call that makes the host wait for
+    the GPU (`.item()`, `.tolist()`, copies to pageable memory, boolean indexing) warns, and the
+    distinct call stacks (vLLM's and the plugin's frames) are counted per step. A sync inside a
+    step that should overlap the previous one is what keeps the host from running ahead."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    sites: Counter[str] = Counter()
+
+    def record(*_args, **_kwargs) -> None:
+        frames = [f"{f.filename.rsplit('site-packages/', 1)[-1]}:{f.lineno} {f.name}"
+                  for f in traceback.extract_stack()[:-1] if "vllm" in f.filename]
+        sites[" <- ".join(reversed(frames[-6:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [{"per_step": round(n / steps, 2), "stack": s} for s, n in sites.most_common(12)]
+
+
 def run_engine(path: str, arch: str, configs: list[str], batches: list[int], prompt_len: int,
                max_tokens: int, cudagraph_mode: str | None, pyprofile: str | None = None,
-               async_scheduling: bool = False) -> list[dict]:
+               async_scheduling: bool = False, sync_debug: bool = False) -> list[dict]:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -260,6 +289,7 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
         if pyprofile:  # host time by Python function (cProfile inflates call-heavy code)
             _py_profile(llm, prompts, params, Path(pyprofile)
                         / f"pyprofile_{arch}_{config.replace(':', 'x')}_b{batch}.txt")
+        sync_sites = _sync_sites(llm, prompts, params, n) if sync_debug and cuda else None
         rows.append({"engine": "ar" if arch == "qwen3" else
                      "diffusion-async" if async_scheduling else "diffusion",
                      "config": config if arch == "sdar" else "-", "batch": batch,
@@ -268,6 +298,7 @@ def run_engine(path: str, arch: str, configs: list[str], batches: list[int], pro
                      "wall_ms_per_step": round(wall * 1e3 / n, 3),
                      "decode_step_median_ms": decode_ms, "host_timeline_ms": timeline,
                      "host_prompt_step_ms": prompt_step,
+                     **({"sync_sites": sync_sites} if sync_sites is not None else {}),
                      **breakdown})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -289,13 +320,15 @@ def main() -> None:
     p.add_argument("--no-ar", dest="ar", action="store_false", help="skip the AR twin's run")
     p.add_argument("--pyprofile", default=None,
                    help="a folder: also write each run's host time by Python function there")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="also count the calls that make the host wait for the GPU, by call stack")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:  # one engine in this process
         path, arch, configs, mode, out = a.worker
         rows = run_engine(path, arch, configs.split(","), a.batch, a.prompt_len, a.max_tokens,
                           None if mode == "default" else mode, a.pyprofile,
-                          a.scheduling == "async")
+                          a.scheduling == "async", a.sync_debug)
         Path(out).write_text(json.dumps(rows))
         return
     from throughput import write_shape
@@ -316,6 +349,8 @@ def main() -> None:
                    "--max-tokens", str(a.max_tokens), "--scheduling", sched]
             if a.pyprofile:
                 cmd += ["--pyprofile", str(Path(a.pyprofile).resolve())]
+            if a.sync_debug:
+                cmd.append("--sync-debug")
             subprocess.run(cmd, env=env, check=True)
             rows += json.loads(out.read_text())
     print(f"\n{'engine':15} {'B:steps':7} {'graphs':10} {'batch':>5} {'wall ms':>8} {'decode':>7} "
@@ -336,6 +371,10 @@ def main() -> None:
         print(f"\n{r['engine']} {r['config']} batch {r['batch']}: top kernels, GPU ms per step")
         for k in r["top_kernels"]:
             print(f"  {k['gpu_ms']:7.3f} ms {k['per_step']:6.1f}x  {k['name']}")
+    for r in rows:
+        for site in r.get("sync_sites", []):
+            print(f"sync {r['engine']} {r['config']} b{r['batch']}: {site['per_step']:5.2f}/step "
+                  f"{site['stack']}")
     print("(wall: mean per step, prompt step included; decode: median gap between the schedule "
           "calls of decode steps; phases: profiled host ms / GPU ms per step)")
     Path(a.out).write_text(json.dumps({"shape": a.shape, "prompt_len": a.prompt_len,

@@ -10,7 +10,8 @@
 #     invariant the determinism tests again under VLLM_BATCH_INVARIANT=1
 #     profile   benchmarks/step_profile.py: per-step breakdown, PIECEWISE (before) vs FULL graphs
 #               (MODES, CONFIGS select the runs, SCHED=sync,async adds windows, NO_AR=1 skips
-#               the AR twin; PYPROFILE=1 adds host time by Python function)
+#               the AR twin; PYPROFILE=1 adds host time by Python function, SYNCDEBUG=1 the
+#               calls that make the host wait for the GPU)
 #     throughput benchmarks/throughput.py: AR twin vs diffusion, batch 1-256 (TP_ARGS, TP_TAG)
 #     subblock  benchmarks/subblock_attention.py: the sub-block attention kernel vs SDPA and vLLM
 #               (stopped after $SB_S seconds, rows written as they come)
@@ -63,7 +64,7 @@ for step in "$@"; do
       (cd benchmarks && timeout ${PROFILE_S:-330} python3 step_profile.py --shape qwen3-1.7b --batch 1 16 64 \
         --configs ${CONFIGS:-4:4,4:1} --cudagraph-modes ${MODES:-PIECEWISE,default} \
         --scheduling ${SCHED:-sync} --out "$OUT/step_profile_$card.json" \
-        ${PYPROFILE:+--pyprofile "$OUT"} ${NO_AR:+--no-ar}) \
+        ${PYPROFILE:+--pyprofile "$OUT"} ${NO_AR:+--no-ar} ${SYNCDEBUG:+--sync-debug}) \
         > "$OUT/step_profile.log" 2>&1
       echo "profile rc=$?"; tail -60 "$OUT/step_profile.log" ;;
     throughput)
