@@ -10,26 +10,19 @@ step in flight. Other models keep vLLM's choice.
 
 from __future__ import annotations
 
-import functools
-
 from vllm.platforms.cpu import CpuPlatform
 
 from vllm_blockdiff.options import is_block_diffusion, serve_config_of
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 
 
 def apply() -> None:
-    original = CpuPlatform.check_and_update_config.__func__
-    if hasattr(original, "__wrapped__"):
-        return
-
-    @functools.wraps(original)
-    def check_and_update_config(cls, vllm_config) -> None:
+    @wrap_once(CpuPlatform, "check_and_update_config")
+    def check_and_update_config(original, cls, vllm_config) -> None:
         original(cls, vllm_config)
         model = vllm_config.model_config
         if (model is not None and is_block_diffusion(model.hf_config)
                 and serve_config_of(model.hf_config).windows):
             vllm_config.scheduler_config.async_scheduling = True
-
-    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)

@@ -11,25 +11,20 @@ same rows and bits as the kernel); on GPUs nothing changes.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from vllm.v1.worker.gpu.input_batch import InputBatch
 from vllm.v1.worker.gpu.structured_outputs import StructuredOutputsWorker
 
 from vllm_blockdiff.grammar import bitmask as bits
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 
 
 def apply() -> None:
-    original = StructuredOutputsWorker.apply_grammar_bitmask
-    if hasattr(original, "__wrapped__"):
-        return
-
-    @functools.wraps(original)
-    def apply_grammar_bitmask(self, logits: torch.Tensor, input_batch: InputBatch,
+    @wrap_once(StructuredOutputsWorker, "apply_grammar_bitmask")
+    def apply_grammar_bitmask(original, self, logits: torch.Tensor, input_batch: InputBatch,
                               grammar_req_ids: list[str], grammar_bitmask: np.ndarray) -> None:
         if logits.device.type != "cpu" or not grammar_req_ids:
             return original(self, logits, input_batch, grammar_req_ids, grammar_bitmask)
@@ -41,5 +36,3 @@ def apply() -> None:
         target = logits[rows]
         bits.apply(target, torch.from_numpy(grammar_bitmask[:len(rows)]))
         logits[rows] = target
-
-    StructuredOutputsWorker.apply_grammar_bitmask = apply_grammar_bitmask

@@ -13,13 +13,11 @@ The function is bound by name in the modules that import it, so each binding is 
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 import torch
 from vllm.v1.worker.gpu.sample import gumbel
 
 from vllm_blockdiff.kernels.gumbel_host import gumbel_sample_host
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 # Modules that import `gumbel_sample` by name (vLLM 0.26).
@@ -28,12 +26,8 @@ _USERS = ("vllm.v1.worker.gpu.sample.gumbel", "vllm.v1.worker.gpu.sample.sampler
 
 
 def apply() -> None:
-    original = gumbel.gumbel_sample
-    if hasattr(original, "__wrapped__"):
-        return
-
-    @functools.wraps(original)
-    def gumbel_sample(logits: torch.Tensor, expanded_idx_mapping: torch.Tensor,
+    @wrap_once(gumbel, "gumbel_sample", users=_USERS)
+    def gumbel_sample(original, logits: torch.Tensor, expanded_idx_mapping: torch.Tensor,
                       temperature: torch.Tensor, seed: torch.Tensor, pos: torch.Tensor,
                       apply_temperature: bool, output_processed_logits=None,
                       output_processed_logits_col=None, use_fp64: bool = False
@@ -50,6 +44,3 @@ def apply() -> None:
             x = x / torch.where(greedy, 1.0, temp)[:, None]
         sampled = gumbel_sample_host(x, seed[req].numpy(), pos.long().numpy())
         return torch.where(greedy, x.argmax(-1), sampled)
-
-    for name in _USERS:
-        importlib.import_module(name).gumbel_sample = gumbel_sample

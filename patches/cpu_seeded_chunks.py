@@ -13,23 +13,19 @@ chunked, as on GPUs. GPU generators keep vLLM's rewind.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 _STATES = "_blockdiff_generator_states"  # runner attribute: id(gen) -> (gen, state)
 
 
 def apply() -> None:
-    original = GPUModelRunner._bookkeeping_sync
-    if hasattr(original, "__wrapped__"):
-        return
-
-    @functools.wraps(original)
-    def _bookkeeping_sync(self, *args, **kwargs):
+    @wrap_once(GPUModelRunner, "_bookkeeping_sync")
+    def _bookkeeping_sync(original, self, *args, **kwargs):
         batch = self.input_batch
         generators = batch.generators
         before: dict[int, tuple[torch.Generator, torch.Tensor]] = getattr(self, _STATES, {})
@@ -51,5 +47,3 @@ def apply() -> None:
             states.update((id(g), (g, g.get_state())) for g in generators.values()
                           if g.device.type == "cpu")
             setattr(self, _STATES, states)
-
-    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync

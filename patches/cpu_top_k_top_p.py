@@ -12,11 +12,10 @@ The function is bound by name in the modules that import it, so each binding is 
 
 from __future__ import annotations
 
-import functools
-import importlib
-
 import torch
 from vllm.v1.sample.ops import topk_topp_sampler
+
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 # Modules that import `apply_top_k_top_p` by name (vLLM 0.26).
@@ -25,17 +24,10 @@ _USERS = ("vllm.v1.sample.ops.topk_topp_sampler", "vllm.v1.sample.rejection_samp
 
 
 def apply() -> None:
-    original = topk_topp_sampler.apply_top_k_top_p
-    if hasattr(original, "__wrapped__"):
-        return
-
-    @functools.wraps(original)
-    def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None,
+    @wrap_once(topk_topp_sampler, "apply_top_k_top_p", users=_USERS)
+    def apply_top_k_top_p(original, logits: torch.Tensor, k: torch.Tensor | None,
                           p: torch.Tensor | None) -> torch.Tensor:
         if logits.device.type == "cpu" and (k is not None or p is not None):
             return topk_topp_sampler.apply_top_k_top_p_pytorch(logits, k, p,
                                                                 allow_cpu_sync=True)
         return original(logits, k, p)
-
-    for name in _USERS:
-        importlib.import_module(name).apply_top_k_top_p = apply_top_k_top_p

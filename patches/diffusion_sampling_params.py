@@ -13,21 +13,15 @@ from vllm.sampling_params import SamplingParams
 
 from vllm_blockdiff.engine.validation import validate_request
 from vllm_blockdiff.options import is_block_diffusion
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 
 
 def apply() -> None:
-    original = SamplingParams._validate_diffusion
-    if getattr(original, "__blockdiff__", False):
-        return
-
-    def _validate_diffusion(self: SamplingParams, model_config) -> None:
+    @wrap_once(SamplingParams, "_validate_diffusion")
+    def _validate_diffusion(original, self: SamplingParams, model_config) -> None:
         if model_config is not None and is_block_diffusion(model_config.hf_config):
             validate_request(self, model_config.hf_config)
         else:
             original(self, model_config)
-
-    _validate_diffusion.__blockdiff__ = True  # type: ignore[attr-defined]
-    _validate_diffusion.__wrapped__ = original  # type: ignore[attr-defined]
-    SamplingParams._validate_diffusion = _validate_diffusion

@@ -13,16 +13,14 @@ from vllm.sampling_params import SamplingParams
 
 from vllm_blockdiff.engine.validation import attach_grammar
 from vllm_blockdiff.options import is_block_diffusion, serve_config_of
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 
 
 def apply() -> None:
-    original = SamplingParams._validate_structured_outputs
-    if getattr(original, "__blockdiff__", False):
-        return
-
-    def _validate_structured_outputs(self: SamplingParams, model_config,
+    @wrap_once(SamplingParams, "_validate_structured_outputs")
+    def _validate_structured_outputs(original, self: SamplingParams, model_config,
                                      structured_outputs_config, tokenizer) -> None:
         if (model_config is None or self.structured_outputs is None
                 or not is_block_diffusion(model_config.hf_config)):
@@ -31,7 +29,3 @@ def apply() -> None:
             raise ValueError("structured outputs need a tokenizer (not with skip_tokenizer_init)")
         attach_grammar(self, model_config.get_vocab_size(), tokenizer,
                        serve_config_of(model_config.hf_config).grammar_backend)
-
-    _validate_structured_outputs.__blockdiff__ = True  # type: ignore[attr-defined]
-    _validate_structured_outputs.__wrapped__ = original  # type: ignore[attr-defined]
-    SamplingParams._validate_structured_outputs = _validate_structured_outputs

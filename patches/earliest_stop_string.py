@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from vllm.v1.engine import detokenizer
 
+from vllm_blockdiff.patches.wrap import wrap_once
+
 VLLM_VERSIONS = ("0.26.",)
 
 
@@ -50,9 +52,5 @@ def check_stop_strings(output_text: str, new_char_count: int, stop: list[str],
 
 
 def apply() -> None:
-    original = detokenizer.check_stop_strings
-    if getattr(original, "__blockdiff__", False):
-        return
-    check_stop_strings.__blockdiff__ = True  # type: ignore[attr-defined]
-    check_stop_strings.__wrapped__ = original  # type: ignore[attr-defined]
-    detokenizer.check_stop_strings = check_stop_strings
+    wrap_once(detokenizer, "check_stop_strings")(
+        lambda _original, *args, **kwargs: check_stop_strings(*args, **kwargs))

@@ -22,6 +22,8 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.input_processor import InputProcessor
 
+from vllm_blockdiff.patches.wrap import wrap_once
+
 VLLM_VERSIONS = ("0.26.",)
 
 
@@ -35,15 +37,8 @@ def validate(processor: InputProcessor, prompt: Any, params: Any) -> None:
 
 
 def apply() -> None:
-    original = AsyncLLM.generate
-    if getattr(original, "__blockdiff__", False):
-        return
-
-    def generate(self: AsyncLLM, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any
-                 ) -> AsyncGenerator[RequestOutput, None]:
+    @wrap_once(AsyncLLM, "generate")
+    def generate(original, self: AsyncLLM, prompt: Any, sampling_params: Any, *args: Any,
+                 **kwargs: Any) -> AsyncGenerator[RequestOutput, None]:
         validate(self.input_processor, prompt, sampling_params)
         return original(self, prompt, sampling_params, *args, **kwargs)
-
-    generate.__blockdiff__ = True  # type: ignore[attr-defined]
-    generate.__wrapped__ = original  # type: ignore[attr-defined]
-    AsyncLLM.generate = generate  # type: ignore[method-assign]

@@ -14,20 +14,16 @@ request's block state until it resumes or finishes).
 
 from __future__ import annotations
 
-import functools
-
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 
 
 def apply() -> None:
-    original = GPUModelRunner.finish_requests
-    if hasattr(original, "__wrapped__"):
-        return
-
-    @functools.wraps(original)
-    def finish_requests(self, scheduler_output) -> None:
+    @wrap_once(GPUModelRunner, "finish_requests")
+    def finish_requests(original, self, scheduler_output) -> None:
         track = getattr(self.model_state, "track_preemptions", None)
         if track is not None:
             slots = self.req_states.req_id_to_index
@@ -35,5 +31,3 @@ def apply() -> None:
             track({r: slots[r] for r in preempted if r in slots},
                   scheduler_output.finished_req_ids)
         original(self, scheduler_output)
-
-    GPUModelRunner.finish_requests = finish_requests

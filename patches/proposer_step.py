@@ -11,26 +11,20 @@ drafter, or none, costs one attribute lookup per step.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_blockdiff.patches.wrap import wrap_once
 
 VLLM_VERSIONS = ("0.26.",)
 
 
 def apply() -> None:
-    original = GPUModelRunner._sample
-    if hasattr(original, "__wrapped__"):
-        return
-
-    @functools.wraps(original)
-    def _sample(self, logits: torch.Tensor | None,
+    @wrap_once(GPUModelRunner, "_sample")
+    def _sample(original, self, logits: torch.Tensor | None,
                 spec_decode_metadata: SpecDecodeMetadata | None):
         observe = getattr(getattr(self, "drafter", None), "observe_step", None)
         if observe is not None and logits is not None:
             observe(self, logits, spec_decode_metadata)
         return original(self, logits, spec_decode_metadata)
-
-    GPUModelRunner._sample = _sample

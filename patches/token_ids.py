@@ -29,6 +29,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
+from vllm_blockdiff.patches.wrap import wrap_once
+
 VLLM_VERSIONS = ("0.26.",)
 
 
@@ -73,18 +75,16 @@ def _check_extra_args(value: Any, field: str) -> None:
 
 
 def apply() -> None:
-    validate_input = InputProcessor._validate_model_input
-    verify = SamplingParams.verify
-    if getattr(verify, "__blockdiff__", False):
-        return
-
-    def _validate_model_input(self: InputProcessor, prompt_input: Any, prompt_type: Any) -> None:
+    @wrap_once(InputProcessor, "_validate_model_input")
+    def _validate_model_input(validate_input, self: InputProcessor, prompt_input: Any,
+                              prompt_type: Any) -> None:
         validate_input(self, prompt_input, prompt_type)
         ids = None if prompt_input["type"] == "embeds" else prompt_input["prompt_token_ids"]
         if ids:
             _check("prompt", ids, vocabulary_limit(self.model_config, self.tokenizer))
 
-    def verify_stop_ids(self: SamplingParams, model_config: Any, speculative_config: Any,
+    @wrap_once(SamplingParams, "verify")
+    def verify_stop_ids(verify, self: SamplingParams, model_config: Any, speculative_config: Any,
                         structured_outputs_config: Any, tokenizer: Any) -> None:
         verify(self, model_config, speculative_config, structured_outputs_config, tokenizer)
         _check_int64(self)
@@ -92,10 +92,3 @@ def apply() -> None:
         if self.stop_token_ids:
             _check("stop_token_ids", self.stop_token_ids,
                    vocabulary_limit(model_config, tokenizer))
-
-    for owner, name, patched, original in (
-            (InputProcessor, "_validate_model_input", _validate_model_input, validate_input),
-            (SamplingParams, "verify", verify_stop_ids, verify)):
-        patched.__blockdiff__ = True  # type: ignore[attr-defined]
-        patched.__wrapped__ = original  # type: ignore[attr-defined]
-        setattr(owner, name, patched)

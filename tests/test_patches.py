@@ -9,6 +9,7 @@ from vllm.sampling_params import SamplingParams
 
 from vllm_blockdiff.options import GRAMMAR_KEY
 from vllm_blockdiff.patches import PATCHES, apply_patches, diffusion_sampling_params
+from vllm_blockdiff.patches.wrap import wrap_once
 
 SERVE = {"block_length": 4, "max_block_length": 16, "mask_token_id": 3}
 
@@ -55,6 +56,35 @@ def test_every_patch_declares_its_versions_and_is_idempotent():
     before = SamplingParams._validate_diffusion
     diffusion_sampling_params.apply()
     assert SamplingParams._validate_diffusion is before
+
+
+def test_wrap_once_installs_one_wrapper_that_reaches_the_original(monkeypatch):
+    import functools
+    import sys
+    from types import ModuleType
+
+    class Owner:
+        @classmethod
+        def build(cls, x):
+            return (cls.__name__, x)
+
+        @functools.lru_cache  # noqa: B019 (an original that vLLM wrapped itself: has __wrapped__)
+        def cached(self, x):
+            return x
+
+    users = [ModuleType(f"blockdiff_user_{i}") for i in range(2)]
+    for module in users:
+        module.build = Owner.build  # bound before the class is patched: keeps the original
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    names = [module.__name__ for module in users]
+    for _ in range(2):  # the second call finds its own wrapper and leaves it
+        wrap_once(Owner, "build")(lambda original, cls, x: original(cls, x + 1))
+        wrap_once(Owner, "cached")(lambda original, self, x: original(self, x) * 10)
+        wrap_once(users[0], "build", users=names)(lambda original, x: ("user", original(x)))
+    assert Owner.build(1) == ("Owner", 2)  # still a classmethod, wrapped once
+    assert Owner().cached(3) == 30
+    assert Owner.build.__wrapped__(Owner, 1) == ("Owner", 1)
+    assert users[0].build is users[1].build and users[1].build(1) == ("user", ("Owner", 1))
 
 
 def test_diffusion_structured_outputs_routes_grammars_to_the_plugin(tiny_sdar):

@@ -42,8 +42,11 @@ def token_by_token(text: str, stop: list[str], include: bool) -> str:
 def test_patch_is_registered_and_idempotent(check):
     assert earliest_stop_string in PATCHES
     earliest_stop_string.apply()
-    assert detokenizer.check_stop_strings is check is earliest_stop_string.check_stop_strings
+    assert detokenizer.check_stop_strings is check  # installed once
     assert not hasattr(check.__wrapped__, "__blockdiff__")  # wraps vLLM's, not itself
+    text = "a=b,"
+    assert check(text, len(text), [",", "="], False) == earliest_stop_string.check_stop_strings(
+        output_text=text, new_char_count=len(text), stop=[",", "="], include_in_output=False)
 
 
 def test_earliest_match_wins_not_the_list_order(check):
