@@ -9,6 +9,8 @@ number of forwards.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.engine
 PROMPT_LENGTHS = [1, 3, 5, 7, 8, 13, 22, 41]
 MASK, EOS, IM_END = 3, 0, 2
 MAX_TOKENS = 40
+TESTBED = Path(__file__).parents[1] / "examples" / "models" / "sdar-testbed"
 
 
 def prompts(tokenizer_dir: str) -> list[list[int]]:
@@ -79,29 +82,42 @@ def test_batch_equals_alone(llm, tiny_sdar, reference):
 
 
 @pytest.fixture(scope="module")
-def llm_bf16(tiny_sdar):
+def llm_bf16():
     from conftest import ENGINE_ARGS
     from vllm import LLM
 
-    engine = LLM(tiny_sdar, **{**ENGINE_ARGS, "dtype": "bfloat16"})
+    engine = LLM(str(TESTBED), **{**ENGINE_ARGS, "dtype": "bfloat16"})
     yield engine
     del engine
 
 
-def test_bfloat16_agrees_with_float32_reference(llm_bf16, tiny_sdar, reference):
-    """bf16 rounding changes some near-tie decisions, so agreement is measured, not exact."""
-    requests = [(p, {"block_length": b}) for b in (4, 8) for p in prompts(tiny_sdar)]
+def test_bfloat16_agrees_with_float32_reference(llm_bf16):
+    """The trained testbed model served in bf16 gives the float32 reference's tokens.
+
+    bf16 rounding flips only near-tie decisions. A trained model decides its testbed answers
+    with margins far above that rounding, so agreement can be demanded nearly exactly; random
+    tiny weights are full of near-ties (on the GPU 3 of 16 of their outputs matched whole, the
+    rest diverged at a tie and stayed apart), which tested the weights, not the bf16 path.
+    """
+    import torch
+    from tokenizers import Tokenizer
+
+    from vllm_blockdiff.reference.modeling import CausalLM
+    from vllm_blockdiff.testbed.data import encode_prompt
+    from vllm_blockdiff.testbed.tasks import EXACT_TASKS
+    from vllm_blockdiff.testbed.tasks import generate as examples
+
+    tok = Tokenizer.from_file(str(TESTBED / "tokenizer.json"))
+    reference = CausalLM.from_pretrained(str(TESTBED), dtype=torch.float32)
+    ps = [encode_prompt(tok, e.prompt) for task in EXACT_TASKS
+          for e in examples(task, "test", 4, seed=3)]
+    requests = [(p, {"block_length": b}) for b in (4, 8) for p in ps]
     outputs = run(llm_bf16, requests)
-    agree = []
-    for (prompt, args), (tokens, _) in zip(requests, outputs, strict=True):
-        ref = generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
-                       {EOS, IM_END}).token_ids
-        diverged = (i for i, (a, b) in enumerate(zip(tokens, ref, strict=False)) if a != b)
-        same = next(diverged, min(len(tokens), len(ref)))
-        agree.append(same / max(len(ref), 1))
-    print("bf16 common-prefix fractions", [round(a, 2) for a in agree])
-    assert sum(agree) / len(agree) >= 0.5
-    assert sum(a == 1.0 for a in agree) >= len(agree) // 4
+    same = [tokens == generate(reference, prompt, resolve_options(args, SERVE), MASK, MAX_TOKENS,
+                               {EOS, IM_END}).token_ids
+            for (prompt, args), (tokens, _) in zip(requests, outputs, strict=True)]
+    print(f"bf16: {sum(same)} of {len(same)} outputs equal the float32 reference's")
+    assert sum(same) >= len(same) - 1
 
 
 @pytest.mark.parametrize("block_length", [4, 8])
