@@ -13,6 +13,7 @@ from vllm_blockdiff.patches import (
     cpu_gumbel_sample,
     cpu_seeded_chunks,
     cpu_top_k_top_p,
+    cpu_triton_interpreter,
     diffusion_sampling_params,
     diffusion_structured_outputs,
     earliest_stop_string,
@@ -25,7 +26,7 @@ from vllm_blockdiff.patches import (
 PATCHES = (diffusion_sampling_params, diffusion_structured_outputs, token_ids,
            early_validation, earliest_stop_string, cpu_top_k_top_p, cpu_gumbel_sample,
            cpu_grammar_bitmask, cpu_seeded_chunks, proposer_step, cpu_async_scheduling,
-           preempted_block_state)
+           preempted_block_state, cpu_triton_interpreter)
 
 
 def apply_patches() -> None:
