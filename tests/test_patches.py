@@ -394,3 +394,26 @@ def test_preempted_block_state_tells_the_model_state_before_removing():
     GPUModelRunner.finish_requests(runner, SimpleNamespace(preempted_req_ids=None,
                                                            finished_req_ids=set()))
     assert events == [("track", {}, [])]
+
+
+def test_cpu_triton_interpreter_skips_the_overflow_checks_it_would_drop():
+    """The interpreter computed every int32 add/sub/mul again in 64 bits for a check whose
+    assert never fires without `debug`; the patch turns the check off, results unchanged."""
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    options = interpreter.interpreter_builder.options
+    assert not options.debug and not options.sanitize_overflow
+
+    @triton.jit
+    def add_mul(x_ptr, out_ptr, n: tl.constexpr):
+        i = tl.arange(0, n)
+        x = tl.load(x_ptr + i)
+        tl.store(out_ptr + i, x * 3 + i - 7)
+
+    x = torch.arange(-8, 8, dtype=torch.int32)
+    out = torch.empty_like(x)
+    add_mul[(1,)](x, out, 16)
+    assert out.tolist() == (x * 3 + torch.arange(16, dtype=torch.int32) - 7).tolist()
