@@ -4,9 +4,9 @@
 function that calls it with vLLM's original, so `apply()` stays idempotent (a second call sees
 the mark and leaves the patch in place), the original stays reachable as `__wrapped__` (tests call
 it to show what vLLM alone does), and a classmethod stays a classmethod. Functions that vLLM
-modules imported by name are replaced in each module named in `users`, the owner included only
-if named. The mark is the plugin's own, not `__wrapped__`: an original that vLLM itself wrapped
-already has one.
+modules imported by name are also replaced in each module named in `users`; the owner is always
+replaced, since the mark is read there. The mark is the plugin's own, not `__wrapped__`: an
+original that vLLM itself wrapped already has one.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ def wrap_once(owner: Any, name: str, *, users: Iterable[str] = ()
 
         setattr(patched, MARK, True)
         value = classmethod(patched) if is_classmethod else patched
-        targets = [importlib.import_module(module) for module in users] or [owner]
-        for target in targets:
+        for target in (owner, *(importlib.import_module(module) for module in users)):
             setattr(target, name, value)
         return replacement
 
