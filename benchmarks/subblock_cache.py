@@ -62,6 +62,9 @@ def main() -> None:
                              "decoded until EOS; default: synthetic prompts, EOS ignored")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9],
                         help="the subblock policy's confidence thresholds to run")
+    parser.add_argument("--max-graph-tokens", type=int, default=None,
+                        help="largest FULL CUDA graph (vLLM's max_cudagraph_capture_size); "
+                             "default: the plugin's choice, at most 2,048 tokens")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -73,8 +76,11 @@ def main() -> None:
         from throughput import write_shape
 
         model = write_shape(Path(tempfile.mkdtemp()), args.shape, "fast_dllm")
+        graphs = {"max_cudagraph_capture_size": args.max_graph_tokens} \
+            if args.max_graph_tokens else {}
         llm = LLM(model, load_format="dummy", dtype="bfloat16", max_model_len=1024,
-                  block_size=32, max_num_seqs=max(args.batch), gpu_memory_utilization=0.5)
+                  block_size=32, max_num_seqs=max(args.batch), gpu_memory_utilization=0.5,
+                  compilation_config=graphs)
     else:
         model = args.model or str(make_tiny_checkpoint(Path(tempfile.mkdtemp()),
                                                        arch="fast_dllm", block_size=32, seed=0))

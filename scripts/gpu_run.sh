@@ -84,9 +84,12 @@ for step in "$@"; do
         --out "$OUT/throughput_fast_dllm_$card.json") > "$OUT/throughput_fast_dllm.log" 2>&1
       echo "fastdllm rc=$?"; tail -12 "$OUT/throughput_fast_dllm.log" ;;
     cache)
-      (cd benchmarks && timeout 300 python3 subblock_cache.py --shape qwen2.5-1.5b \
-        --batch 1 16 64 --out "$OUT/subblock_cache_$card.json") > "$OUT/subblock_cache.log" 2>&1
-      echo "cache rc=$?"; tail -12 "$OUT/subblock_cache.log" ;;
+      # CACHE_ARGS: further subblock_cache.py options (e.g. --max-graph-tokens 4096 --batch 64),
+      # CACHE_TAG names the result files
+      (cd benchmarks && timeout ${CACHE_S:-300} python3 subblock_cache.py --shape qwen2.5-1.5b \
+        --batch 1 16 64 --out "$OUT/subblock_cache_$card${CACHE_TAG:-}.json" ${CACHE_ARGS:-}) \
+        > "$OUT/subblock_cache${CACHE_TAG:-}.log" 2>&1
+      echo "cache rc=$?"; tail -12 "$OUT/subblock_cache${CACHE_TAG:-}.log" ;;
     structured)
       # The groups run side by side, each its own engine on a share of the card: the testbed
       # model leaves the GPU mostly idle, so three engines take about the time of one.
