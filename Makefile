@@ -15,7 +15,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples scripts
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vllm_blockdiff plugins patches tests benchmarks examples scripts

@@ -17,6 +17,23 @@ if (worker := os.environ.get("PYTEST_XDIST_WORKER")) is not None:
 
 from vllm_blockdiff.tools.make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules that start engines or servers first, each module's tests together and in order.
+
+    `make test` hands whole modules to two xdist workers in collection order
+    (`--no-loadscope-reorder`; xdist's default orders them by test count, which puts the few-test
+    engine modules of minutes each last). With the long modules first, the many short ones even
+    out the end of both workers' queues.
+    """
+    first: dict[str, int] = {}
+    engine: set[str] = set()
+    for item in items:
+        first.setdefault(item.module.__name__, len(first))
+        if item.get_closest_marker("engine") or item.get_closest_marker("server"):
+            engine.add(item.module.__name__)
+    items.sort(key=lambda item: (item.module.__name__ not in engine, first[item.module.__name__]))
+
 ENGINE_ARGS = dict(
     # BLOCKDIFF_TEST_COMPILE=1 (GPU runs): torch.compile and CUDA graphs, as vLLM serves by default.
     enforce_eager=os.environ.get("BLOCKDIFF_TEST_COMPILE") != "1",
