@@ -26,13 +26,16 @@ def pytest_collection_modifyitems(config, items) -> None:
     engine modules of minutes each last). With the long modules first, the many short ones even
     out the end of both workers' queues.
     """
+    def module(item) -> str:  # xdist's unit of work under --dist loadfile
+        return item.nodeid.split("::", 1)[0]
+
     first: dict[str, int] = {}
     engine: set[str] = set()
     for item in items:
-        first.setdefault(item.module.__name__, len(first))
+        first.setdefault(module(item), len(first))
         if item.get_closest_marker("engine") or item.get_closest_marker("server"):
-            engine.add(item.module.__name__)
-    items.sort(key=lambda item: (item.module.__name__ not in engine, first[item.module.__name__]))
+            engine.add(module(item))
+    items.sort(key=lambda item: (module(item) not in engine, first[module(item)]))
 
 ENGINE_ARGS = dict(
     # BLOCKDIFF_TEST_COMPILE=1 (GPU runs): torch.compile and CUDA graphs, as vLLM serves by default.
